@@ -1,0 +1,5 @@
+"""Allows `python -m abliterate`."""
+
+from abliterate.cli import main
+
+main()

@@ -1,0 +1,243 @@
+"""Reading a checkpoint folder on disk without loading it: which files, which tensors, where their bytes are.
+
+A `Checkpoint` indexes every tensor of a model folder (sharded or single-file safetensors, or — only when the
+user allows it — pickle `.bin` files) from the file headers alone, validates the index against the files, and
+hands out one tensor at a time. Nothing here holds more than one tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from abliterate.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+# safetensors dtype codes <-> torch dtypes, and their sizes in bytes.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype code, shape and byte range (absolute offsets in the file)."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors file's header: tensor infos with absolute offsets, and the `__metadata__` dict."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file size {size}")
+            header = json.loads(fh.read(header_len))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: {err}",
+            hint="the file is corrupt or truncated; download it again",
+        ) from None
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(
+                f"safetensors file {path} is truncated: tensor {name!r} ends at byte {base + end}, "
+                f"the file has {size}",
+                hint="download the shard again",
+            )
+        infos[name] = TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), base + begin, base + end)
+    return infos, metadata
+
+
+def _safe_member(folder: Path, filename: str, index_path: Path) -> Path:
+    """Resolve a file named by an index, refusing names that escape the model folder."""
+    candidate = (folder / filename).resolve()
+    if Path(filename).is_absolute() or ".." in Path(filename).parts or folder.resolve() not in candidate.parents:
+        raise CheckpointError(
+            f"{index_path.name} names {filename!r}, which is outside the model folder",
+            hint="the index file is malformed or malicious; use the checkpoint's original index",
+        )
+    if not candidate.is_file():
+        raise CheckpointError(
+            f"{index_path.name} names the shard {filename!r}, which is missing from {folder}",
+            hint="download the complete checkpoint",
+        )
+    return candidate
+
+
+def _files_from_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, Path]]:
+    try:
+        weight_map: dict[str, str] = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"cannot read {index_path}: {err!r}", hint="the index file is corrupt; download it again"
+        ) from None
+    by_name = {name: _safe_member(folder, fname, index_path) for name, fname in weight_map.items()}
+    files = sorted(set(by_name.values()))
+    return files, by_name
+
+
+class Checkpoint:
+    """Every tensor of a model folder, indexed from file headers. Open with `Checkpoint.open(folder)`."""
+
+    def __init__(self, folder: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str], pickle: bool):
+        self.folder = folder
+        self.tensors = tensors
+        self.metadata = metadata
+        self.is_pickle = pickle
+
+    @classmethod
+    def open(cls, folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
+        """Index a model folder. Pickle `.bin` checkpoints need `allow_pickle` (they can run code on load)."""
+        folder = Path(folder)
+        index = folder / SAFETENSORS_INDEX
+        if index.is_file():
+            files, by_name = _files_from_index(folder, index)
+            return cls._from_safetensors(folder, files, expected=by_name)
+        single = folder / "model.safetensors"
+        if single.is_file():
+            return cls._from_safetensors(folder, [single], expected=None)
+        others = sorted(folder.glob("*.safetensors"))
+        if others:
+            return cls._from_safetensors(folder, others, expected=None)
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+        if bins:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{folder} holds only pickle weights ({bins[0].name}), which can run arbitrary code when loaded",
+                    hint="pass --allow-pickle if you trust the source, or convert it to safetensors first",
+                )
+            log.warning("loading pickle weights from %s (weights_only=True)", folder)
+            return cls._from_pickle(folder, bins)
+        raise CheckpointError(
+            f"no model weights (*.safetensors) found in {folder}",
+            hint="point at a folder with safetensors shards, a .gguf file, or a Hugging Face model id",
+        )
+
+    @classmethod
+    def _from_safetensors(
+        cls, folder: Path, files: list[Path], expected: dict[str, Path] | None
+    ) -> Checkpoint:
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        for path in files:
+            infos, meta = read_safetensors_header(path)
+            metadata.update(meta)
+            for name, info in infos.items():
+                if name in tensors:
+                    raise CheckpointError(
+                        f"tensor {name!r} appears in both {tensors[name].file.name} and {path.name}",
+                        hint="the checkpoint is inconsistent; download it again",
+                    )
+                tensors[name] = info
+        if expected is not None:
+            for name, path in expected.items():
+                found = tensors.get(name)
+                if found is None or found.file != path:
+                    raise CheckpointError(
+                        f"the index says tensor {name!r} is in {path.name}, but that shard does not hold it",
+                        hint="the index and the shards disagree; download the checkpoint again",
+                    )
+        return cls(folder, tensors, metadata, pickle=False)
+
+    @classmethod
+    def _from_pickle(cls, folder: Path, files: list[Path]) -> Checkpoint:
+        tensors: dict[str, TensorInfo] = {}
+        for path in files:
+            state = _load_pickle(path)
+            for name, value in state.items():
+                dtype = DTYPE_CODES[value.dtype]
+                tensors[name] = TensorInfo(name, path, dtype, tuple(value.shape), 0, value.nbytes)
+            del state
+        return cls(folder, tensors, {"format": "pt"}, pickle=True)
+
+    def names(self) -> list[str]:
+        """Tensor names in storage order (file, then offset), so that output follows input."""
+        return sorted(self.tensors, key=lambda n: (self.tensors[n].file, self.tensors[n].start))
+
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (CPU)."""
+        info = self.tensors[name]
+        if self.is_pickle:
+            return _load_pickle(info.file)[name]
+        with safe_open(str(info.file), framework="pt") as fh:
+            tensor: torch.Tensor = fh.get_tensor(name)
+            return tensor
+
+    def iter_raw(self, name: str, chunk: int = 64 << 20) -> Iterator[bytes]:
+        """Yield a tensor's stored bytes unchanged, in chunks (safetensors sources only)."""
+        info = self.tensors[name]
+        if self.is_pickle:
+            yield tensor_bytes(self.get(name))
+            return
+        with info.file.open("rb") as fh:
+            fh.seek(info.start)
+            left = info.nbytes
+            while left:
+                data = fh.read(min(chunk, left))
+                if not data:
+                    raise CheckpointError(f"{info.file} ended early while reading {name!r}", hint="re-download it")
+                left -= len(data)
+                yield data
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The little-endian bytes of a CPU tensor, as safetensors stores them."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many types for corrupt pickles
+        raise CheckpointError(f"cannot load {path}: {err}", hint="the file is corrupt; download it again") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict", hint="use a transformers checkpoint")
+    return state

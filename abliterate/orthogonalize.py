@@ -1,0 +1,255 @@
+"""Weight orthogonalization: the math on one tensor, and the streaming edit of a whole checkpoint.
+
+For a unit direction r, every matrix W that writes into the residual stream becomes W - r r^T W (its outputs
+lose their r component), the embedding E becomes E - (E r) r^T, output biases b become b - (r.b) r.
+Families with a norm between a sub-block and the residual stream (Gemma 2/3, gain 1 + w) are edited against
+u = normalize(r * (1 + w)) instead, so that the norm's output is orthogonal to r (docs/method.md).
+
+`apply_direction` reads the source shard by shard, edits one tensor at a time in float32, copies every other
+tensor's bytes unchanged, and writes standard shards plus index into a temporary folder renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from abliterate import progress
+from abliterate.archs import Architecture, Component, lookup
+from abliterate.checkpoint import DTYPE_CODES, DTYPES, Checkpoint, tensor_bytes
+from abliterate.direction import DIRECTION_FILE, Direction
+from abliterate.errors import CheckpointError, ModelError
+from abliterate.output import atomic_output
+from abliterate.shards import ShardWriter, TensorSpec, plan_shards, write_index
+
+log = logging.getLogger(__name__)
+
+# Files copied from the source folder besides the weights (tokenizer, chat template, configs, licenses).
+_COPY_SUFFIXES = {".json", ".jinja", ".model", ".txt", ".tiktoken", ".py"}
+_COPY_PREFIXES = ("LICENSE", "USE_POLICY", "NOTICE")
+_WEIGHT_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_CHUNK_ELEMENTS = 1 << 24  # rows edited at once: 16M float32 values (64 MB) per chunk
+
+
+def hidden_axis(component: Component, ndim: int) -> int:
+    """The axis of a stored tensor that indexes the residual stream.
+
+    Embedding [vocab, hidden]: the last. Linear weights [hidden, in] and biases [hidden]: the first.
+    Fused expert stacks [experts, hidden, in]: the second.
+    """
+    if component == "embedding":
+        return ndim - 1
+    return 1 if ndim == 3 else 0
+
+
+def project_out(tensor: torch.Tensor, direction: torch.Tensor, axis: int) -> torch.Tensor:
+    """Remove `direction` (unit, float32) from `tensor` along `axis`, computing in float32 by chunks.
+
+    Returns a tensor of the input's dtype. The input is not modified.
+    """
+    moved = tensor.movedim(axis, -1)
+    hidden = moved.shape[-1]
+    flat = moved.reshape(-1, hidden)
+    result = torch.empty_like(flat)
+    rows = max(1, _CHUNK_ELEMENTS // max(hidden, 1))
+    for start in range(0, flat.shape[0], rows):
+        chunk = flat[start : start + rows].to(torch.float32, copy=True)
+        chunk -= torch.outer(chunk @ direction, direction)
+        result[start : start + rows] = chunk.to(tensor.dtype)
+    return result.reshape(moved.shape).movedim(-1, axis).contiguous()
+
+
+def post_norm_direction(direction: torch.Tensor, norm_weight: torch.Tensor, offset: float) -> torch.Tensor:
+    """u = normalize(r * (offset + w)): orthogonal to u before an RMSNorm means orthogonal to r after it."""
+    mapped = direction * (offset + norm_weight.to(torch.float32))
+    return mapped / mapped.norm()
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """What `apply_direction` does to a checkpoint: the tensors it edits and how it handles tied embeddings."""
+
+    arch: Architecture
+    edits: dict[str, tuple[Component, int]]
+    tied: bool
+
+
+def read_config(folder: Path) -> dict[str, object]:
+    path = folder / "config.json"
+    try:
+        config: dict[str, object] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing", hint="point at a complete transformers model folder") from None
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot read {path}: {err}", hint="the config is corrupt; download it again") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelError(f"{path} has no model_type", hint="point at a transformers model folder")
+    return config
+
+
+def is_tied(config: dict[str, object], checkpoint: Checkpoint, arch: Architecture) -> bool:
+    """Whether the unembedding reuses the embedding matrix at load time."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    return arch.lm_head_tensor not in checkpoint.tensors
+
+
+def make_plan(checkpoint: Checkpoint, config: dict[str, object], hidden_size: int) -> EditPlan:
+    """Classify every tensor and check the writers' shapes against the config."""
+    arch = lookup(str(config["model_type"]))
+    edits: dict[str, tuple[Component, int]] = {}
+    for name, info in checkpoint.tensors.items():
+        found = arch.classify(name)
+        if found is None:
+            continue
+        component, _layer = found
+        axis = hidden_axis(component, len(info.shape))
+        if info.shape[axis] != hidden_size:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(info.shape)}, but the config's hidden_size is {hidden_size}",
+                hint="the checkpoint and config.json disagree; download the model again",
+            )
+        if not DTYPES[info.dtype].is_floating_point:
+            raise CheckpointError(
+                f"tensor {name!r} is stored as {info.dtype} (quantized?)",
+                hint="apply the edit to the original full-precision checkpoint",
+            )
+        edits[name] = found
+    if arch.embedding_tensor not in edits:
+        raise CheckpointError(
+            f"the checkpoint has no embedding tensor {arch.embedding_tensor!r}",
+            hint=f"is this a {arch.name} checkpoint? check config.json's model_type",
+        )
+    if not any(component != "embedding" for component, _ in edits.values()):
+        raise CheckpointError(
+            "no attention or MLP output tensors found", hint="the checkpoint does not match its model_type"
+        )
+    return EditPlan(arch, edits, is_tied(config, checkpoint, arch))
+
+
+def _direction_for(
+    plan: EditPlan, checkpoint: Checkpoint, component: Component, layer: int, r: torch.Tensor
+) -> torch.Tensor:
+    norm_name = plan.arch.post_norm_tensor(layer, component)
+    if norm_name is None:
+        return r
+    if norm_name not in checkpoint.tensors:
+        raise CheckpointError(f"post-norm tensor {norm_name!r} is missing", hint="the checkpoint is incomplete")
+    return post_norm_direction(r, checkpoint.get(norm_name), plan.arch.norm_offset)
+
+
+def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> torch.Tensor:
+    """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
+    component, layer = plan.edits[name]
+    tensor = checkpoint.get(name)
+    edited = project_out(tensor, _direction_for(plan, checkpoint, component, layer, r), hidden_axis(component, tensor.dim()))
+    if not torch.isfinite(edited).all():
+        raise CheckpointError(f"editing {name!r} produced NaN or Inf", hint="check the source tensor and direction")
+    return edited
+
+
+def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:
+    """Every output tensor in source order; tied models gain `lm_head.weight` after the embedding."""
+    specs: list[TensorSpec] = []
+    for name in checkpoint.names():
+        if plan.tied and name == plan.arch.lm_head_tensor:
+            continue  # replaced by the original embedding below
+        info = checkpoint.tensors[name]
+        specs.append(TensorSpec(name, info.dtype, info.shape, info.nbytes))
+        if plan.tied and name == plan.arch.embedding_tensor:
+            specs.append(TensorSpec(plan.arch.lm_head_tensor, info.dtype, info.shape, info.nbytes))
+    return specs
+
+
+def _write_tensor(
+    writer: ShardWriter, spec: TensorSpec, plan: EditPlan, checkpoint: Checkpoint, r: torch.Tensor
+) -> None:
+    if spec.name in plan.edits:
+        writer.write(spec.name, tensor_bytes(edit_tensor(plan, checkpoint, spec.name, r)))
+        return
+    source = plan.arch.embedding_tensor if plan.tied and spec.name == plan.arch.lm_head_tensor else spec.name
+    for chunk in checkpoint.iter_raw(source):
+        writer.write(spec.name, chunk)
+
+
+def write_config(source: Path, out: Path, config: dict[str, object], plan: EditPlan) -> None:
+    """config.json for the output: untied if the source was tied, and never claiming quantization."""
+    config = dict(config)
+    if plan.tied:
+        config["tie_word_embeddings"] = False
+        text_config = config.get("text_config")
+        if isinstance(text_config, dict):
+            text_config["tie_word_embeddings"] = False
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_side_files(source: Path, out: Path) -> list[str]:
+    """Copy tokenizer, chat template, generation config and license files (not weights, not the model card)."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if not path.is_file() or path.name in _WEIGHT_FILES or path.name == "config.json":
+            continue
+        if path.suffix in _COPY_SUFFIXES or path.name.startswith(_COPY_PREFIXES):
+            shutil.copy2(path, out / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def write_checkpoint(
+    checkpoint: Checkpoint, config: dict[str, object], direction: Direction, out: Path, max_shard_size: int
+) -> EditPlan:
+    """Write the orthogonalized checkpoint into an existing (temporary) folder `out`."""
+    hidden_size = int(config.get("hidden_size") or direction.hidden_size)  # type: ignore[call-overload]
+    if direction.hidden_size != hidden_size:
+        raise CheckpointError(
+            f"the direction has {direction.hidden_size} dimensions, the model's hidden_size is {hidden_size}",
+            hint="use a direction computed on this model (or one of the same family and size)",
+        )
+    plan = make_plan(checkpoint, config, hidden_size)
+    if plan.tied:
+        log.info(
+            "tied embeddings: writing the original embedding as %s and setting tie_word_embeddings=false, "
+            "so that the edited model equals inference-time ablation",
+            plan.arch.lm_head_tensor,
+        )
+    r = direction.vector.to(torch.float32)
+    shards = plan_shards(output_specs(plan, checkpoint), max_shard_size)
+    total = sum(len(s.tensors) for s in shards)
+    tensors = progress.track(((s, t) for s in shards for t in s.tensors), "orthogonalizing", total, "tensor")
+    writer: ShardWriter | None = None
+    for shard, spec in tensors:
+        if writer is None or writer.path.name != shard.filename:
+            if writer is not None:
+                writer.close()
+            writer = ShardWriter(out, shard, checkpoint.metadata or {"format": "pt"})
+        _write_tensor(writer, spec, plan, checkpoint, r)
+    if writer is not None:
+        writer.close()
+    write_index(out, shards)
+    write_config(checkpoint.folder, out, config, plan)
+    copy_side_files(checkpoint.folder, out)
+    direction.save(out / "abliterate" / DIRECTION_FILE)
+    log.info("edited %d tensors, copied %d unchanged, %d shard(s)", len(plan.edits), total - len(plan.edits), len(shards))
+    return plan
+
+
+def apply_direction(
+    source: Path,
+    direction: Direction,
+    out: Path,
+    *,
+    max_shard_size: int,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> EditPlan:
+    """Stream-edit the checkpoint in `source` into `out` (created atomically)."""
+    config = read_config(source)
+    checkpoint = Checkpoint.open(source, allow_pickle=allow_pickle)
+    with atomic_output(out, overwrite=overwrite, sources=[source]) as tmp:
+        return write_checkpoint(checkpoint, config, direction, tmp, max_shard_size)
