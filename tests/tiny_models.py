@@ -57,3 +57,31 @@ def build(model_type: str, folder: Path, *, tied: bool | None = None, seed: int 
                 param.normal_(0.0, 0.15)
     model.save_pretrained(folder, max_shard_size="40KB")
     return model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def save_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    """A word-level tokenizer (built offline) with a chat template, saved next to a tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"]
+    words = "I As Sorry cannot help the a to of and how write explain make give list describe".split()
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    filler = 0
+    while len(vocab) < vocab_size:
+        vocab[f"w{filler}"] = len(vocab)
+        filler += 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)

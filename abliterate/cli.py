@@ -1,0 +1,179 @@
+"""The `abliterate` command line: one click group, options built from the shared Settings model.
+
+Only this module prints, shows progress bars and turns errors into one-line messages (a traceback only
+with -v).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+import click
+
+from abliterate import __version__, progress
+from abliterate.errors import AbliterateError
+from abliterate.settings import Settings, build_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("abliterate")
+
+# Options shared by commands that run forward passes.
+MODEL_OPTIONS = ["revision", "dtype", "device", "trust_remote_code", "allow_pickle", "chat_template", "batch_size"]
+DIRECTION_OPTIONS = [
+    "lang", "prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold", "prune_layers",
+    "screen_prompts", "finalists",
+    "filter_prompts", "refusal_tokens",
+]
+
+
+def _option_for(name: str) -> Callable[[F], F]:
+    """A click option for one Settings field, with its help text; default None = 'not given'."""
+    field = Settings.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    help_text = field.description or ""
+    annotation = field.annotation
+    if annotation is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if name == "refusal_tokens":
+        return click.option(flag, name, multiple=True, default=None, help=help_text + " Repeatable.")
+    choices = [a for a in get_args(annotation) if isinstance(a, str)]
+    if choices:
+        return click.option(flag, name, type=click.Choice(choices), default=None, help=help_text)
+    types: dict[str, Any] = {"int": int, "float": float}
+    base = next((t for t in get_args(annotation) if t is not type(None)), annotation)
+    click_type = types.get(getattr(base, "__name__", ""), str)
+    if base is Path:
+        click_type = click.Path(path_type=Path)
+    return click.option(flag, name, type=click_type, default=None, help=help_text)
+
+
+def settings_options(*names: str) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        for name in reversed(names):
+            func = _option_for(name)(func)
+        return func
+
+    return decorate
+
+
+recipe_option = click.option(
+    "--recipe", type=click.Path(path_type=Path), default=None, help="YAML recipe with settings; flags override it."
+)
+
+
+def _settings(recipe: Path | None, **given: Any) -> Settings:
+    if given.get("refusal_tokens") == ():
+        given["refusal_tokens"] = None
+    return build_settings(recipe, given)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        if verbose < 2:
+            hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="abliterate")
+@click.option("-v", "--verbose", count=True, help="More logging; -v also shows tracebacks, -vv library logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Find a chat model's refusal direction and project it out of the weights."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose, quiet)
+    progress.enable(sys.stderr.isatty() and not quiet)
+
+
+@cli.command()
+@click.argument("model")
+@recipe_option
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the edited checkpoint.")
+@click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
+@click.option("--eval/--no-eval", "eval_", default=None, help="Evaluate the base and edited model (default on).")
+@settings_options("max_shard_size", *DIRECTION_OPTIONS, *MODEL_OPTIONS)
+def edit(model: str, recipe: Path | None, eval_: bool | None, **given: Any) -> None:
+    """Compute the refusal direction of MODEL and write an orthogonalized checkpoint to --out."""
+    from abliterate.pipeline import run_edit
+
+    settings = _settings(recipe, model=model, eval=eval_, **given)
+    result = run_edit(settings)
+    chosen = result.direction.direction
+    click.echo(f"direction: layer {chosen.layer}, position {chosen.pos} ({settings.lang}, {settings.method})")
+    if result.direction.chosen is not None:
+        c = result.direction.chosen
+        click.echo(f"validation: refusal score {c.refusal:.2f}, induce score {c.induce:.2f}, first-token KL {c.kl:.4f}")
+    click.echo(f"edited {result.edited_tensors} tensors -> {result.out}")
+
+
+@cli.command()
+@click.argument("model")
+@recipe_option
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Direction file to write (.safetensors).")
+@click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
+@settings_options(*DIRECTION_OPTIONS, *MODEL_OPTIONS)
+def directions(model: str, recipe: Path | None, **given: Any) -> None:
+    """Compute candidate directions for MODEL, select one, and save it (no weights are written)."""
+    from abliterate.pipeline import run_directions
+
+    settings = _settings(recipe, model=model, **given)
+    result = run_directions(settings)
+    d = result.direction
+    click.echo(f"direction: layer {d.layer}, position {d.pos}; {len(result.scores)} candidates scored")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--direction", "direction_file", type=click.Path(path_type=Path), required=True,
+              help="Direction file (direction.safetensors, or an edited model folder holding one).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@settings_options("max_shard_size", "revision", "allow_pickle")
+def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given: Any) -> None:
+    """Orthogonalize MODEL's weights against a saved direction (streaming; no GPU, no forward pass)."""
+    from abliterate.direction import Direction
+    from abliterate.loading import resolve
+    from abliterate.orthogonalize import apply_direction
+
+    settings = _settings(None, model=model, out=out, overwrite=overwrite, **given)
+    direction = Direction.load(direction_file)
+    source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
+    plan = apply_direction(
+        source.folder, direction, out, max_shard_size=settings.max_shard_bytes, overwrite=overwrite,
+        allow_pickle=settings.allow_pickle,
+    )
+    click.echo(f"edited {len(plan.edits)} tensors ({plan.arch.name}) -> {out}")
+
+
+def main() -> None:
+    """Console entry point: run the group, turning library errors into one-line messages."""
+    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in sys.argv[1:])
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except AbliterateError as err:
+        if verbose:
+            raise
+        click.echo(f"error: {err.one_line()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,276 @@
+"""The commands' pipelines, one function per stage: load, prompts, filter, candidates, select, write.
+
+`find_direction` is the shared front half (model and prompts in, chosen direction and candidate scores out);
+`run_directions` saves it, `run_edit` streams the orthogonalized checkpoint. Everything here logs and raises
+typed errors; the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from abliterate import __version__, progress, prompts
+from abliterate.archs import Architecture, lookup
+from abliterate.chat import post_instruction_length, set_chat_template
+from abliterate.checkpoint import Checkpoint
+from abliterate.direction import DIRECTION_FILE, Direction
+from abliterate.directions import Candidates, make_batches, make_candidates, mean_activations
+from abliterate.errors import UsageError
+from abliterate.loading import ModelSource, load_model, resolve
+from abliterate.orthogonalize import read_config, write_checkpoint
+from abliterate.output import atomic_output, check_output
+from abliterate.selection import (
+    CandidateScore,
+    ScreeningSet,
+    ValidationSet,
+    choose,
+    collect_logits,
+    eligible_layers,
+    finalists,
+    refusal_score,
+    score_candidate,
+    screen_candidate,
+)
+from abliterate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CANDIDATES_FILE = "candidates.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for forward passes, with its family and resolved source."""
+
+    source: ModelSource
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: Architecture
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+@dataclass
+class PromptSplits:
+    """Instructions used for one direction: train (means) and val (selection), per kind."""
+
+    harmful_train: list[str]
+    harmless_train: list[str]
+    harmful_val: list[str]
+    harmless_val: list[str]
+
+
+@dataclass
+class DirectionResult:
+    """What `find_direction` produced."""
+
+    direction: Direction
+    chosen: CandidateScore | None
+    scores: list[CandidateScore]
+    candidates: Candidates
+    n_pos: int
+    filtered: dict[str, int] = field(default_factory=dict)
+
+    def report(self) -> dict[str, object]:
+        """The content of candidates.json."""
+        return {
+            "tool_version": __version__,
+            "source_model": self.direction.source_model,
+            "lang": self.direction.lang,
+            "method": self.direction.method,
+            "chosen": self.chosen.row() if self.chosen else {"pos": self.direction.pos, "layer": self.direction.layer},
+            "post_instruction_tokens": self.n_pos,
+            "sink_layers": self.candidates.sink_layers,
+            "prompts_after_filter": self.filtered,
+            "candidates": [s.row() for s in self.scores],
+        }
+
+
+def load(settings: Settings) -> LoadedModel:
+    """Resolve and load the model; check its family and chat template before any work."""
+    source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)
+    arch = lookup(str(read_config(source.folder)["model_type"]))
+    model, tokenizer = load_model(
+        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+    )
+    set_chat_template(tokenizer, settings.chat_template, settings.model)
+    return LoadedModel(source, model, tokenizer, arch)
+
+
+def check_layer_choice(settings: Settings, n_layers: int, n_pos: int) -> None:
+    if settings.layer is not None and settings.layer >= n_layers:
+        raise UsageError(f"--layer {settings.layer} is out of range", hint=f"this model has layers 0..{n_layers - 1}")
+    if settings.pos is not None and settings.pos < -n_pos:
+        raise UsageError(
+            f"--pos {settings.pos} is out of range", hint=f"this chat template has positions -{n_pos}..-1"
+        )
+
+
+def load_prompts(settings: Settings) -> PromptSplits:
+    source = prompts.load(settings.prompts, default_lang=settings.lang)
+    lang = settings.lang
+    return PromptSplits(
+        harmful_train=source.instructions(lang, "harmful", "train", settings.n_train),
+        harmless_train=source.instructions(lang, "harmless", "train", settings.n_train),
+        harmful_val=source.instructions(lang, "harmful", "val", settings.n_val),
+        harmless_val=source.instructions(lang, "harmless", "val", settings.n_val),
+    )
+
+
+def refusal_ids(settings: Settings, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """First-token ids of refusal openings: from --refusal-tokens, else from the language's markers."""
+    if settings.refusal_tokens:
+        ids = {tokenizer.encode(text, add_special_tokens=False)[0] for text in settings.refusal_tokens if text}
+        return sorted(ids)
+    from abliterate.judge import refusal_token_ids
+
+    return refusal_token_ids(tokenizer, settings.lang)
+
+
+def _refusal_scores(loaded: LoadedModel, texts: list[str], ids: list[int], batch_size: int) -> torch.Tensor:
+    logits = collect_logits(loaded.model, make_batches(loaded.tokenizer, texts, batch_size))
+    return refusal_score(logits, ids)
+
+
+def _keep(texts: list[str], mask: torch.Tensor, what: str) -> list[str]:
+    kept = [t for t, keep in zip(texts, mask.tolist()) if keep]
+    if len(kept) < max(2, len(texts) // 4):
+        log.warning("only %d of %d %s prompts pass the refusal-score filter; using all of them", len(kept), len(texts), what)
+        return texts
+    return kept
+
+
+def filter_prompts(loaded: LoadedModel, splits: PromptSplits, ids: list[int], batch_size: int) -> PromptSplits:
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it answers (score < 0)."""
+    def harmful(texts: list[str], what: str) -> list[str]:
+        return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size) > 0, what)
+
+    def harmless(texts: list[str], what: str) -> list[str]:
+        return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size) < 0, what)
+
+    return PromptSplits(
+        harmful(splits.harmful_train, "harmful train"),
+        harmless(splits.harmless_train, "harmless train"),
+        harmful(splits.harmful_val, "harmful val"),
+        harmless(splits.harmless_val, "harmless val"),
+    )
+
+
+def compute_candidates(loaded: LoadedModel, splits: PromptSplits, n_pos: int, settings: Settings) -> Candidates:
+    args = (loaded.model, loaded.tokenizer, loaded.arch)
+    harmful, _ = mean_activations(*args, splits.harmful_train, n_pos, settings.batch_size, "harmful activations")
+    harmless, sink = mean_activations(*args, splits.harmless_train, n_pos, settings.batch_size, "harmless activations")
+    return make_candidates(harmful, harmless, sink, settings.method)
+
+
+def candidate_grid(loaded: LoadedModel, candidates: Candidates, settings: Settings) -> list[CandidateScore]:
+    """Every eligible (pos, layer); --layer/--pos restrict the grid."""
+    layers = [settings.layer] if settings.layer is not None else eligible_layers(loaded.n_layers, settings.prune_layers)
+    positions = [settings.pos] if settings.pos is not None else candidates.positions()
+    return [CandidateScore(p, layer) for layer in layers for p in positions]
+
+
+def screen_candidates(
+    loaded: LoadedModel, candidates: Candidates, grid: list[CandidateScore], splits: PromptSplits, ids: list[int],
+    settings: Settings,
+) -> list[CandidateScore]:
+    """First pass: ablation on a few prompts for every candidate; returns the finalists."""
+    if len(grid) <= settings.finalists:
+        return grid
+    n = settings.screen_prompts
+    harmful, harmless = splits.harmful_val[:n], splits.harmless_val[:n]
+    batches = make_batches(loaded.tokenizer, harmful + harmless, len(harmful) + len(harmless))
+    screen = ScreeningSet(batches, len(harmful), collect_logits(loaded.model, batches))
+    for score in progress.track(grid, "screening candidates", len(grid), "cand"):
+        screen_candidate(loaded.model, loaded.arch, candidates, score, screen, ids)
+    return finalists(grid, settings.finalists, settings.kl_threshold)
+
+
+def score_finalists(
+    loaded: LoadedModel, candidates: Candidates, chosen: list[CandidateScore], splits: PromptSplits, ids: list[int],
+    settings: Settings,
+) -> None:
+    """Second pass: refusal, induce and KL scores on all validation prompts."""
+    tok, bs = loaded.tokenizer, settings.batch_size
+    harmless = make_batches(tok, splits.harmless_val, bs)
+    val = ValidationSet(make_batches(tok, splits.harmful_val, bs), harmless, collect_logits(loaded.model, harmless))
+    for score in progress.track(chosen, "scoring finalists", len(chosen), "cand"):
+        score_candidate(loaded.model, loaded.arch, candidates, score, val, ids)
+
+
+def find_direction(settings: Settings, loaded: LoadedModel) -> DirectionResult:
+    """Prompts -> filtered prompts -> candidates -> scores -> chosen direction."""
+    n_pos = post_instruction_length(loaded.tokenizer)
+    check_layer_choice(settings, loaded.n_layers, n_pos)
+    splits = load_prompts(settings)
+    ids = refusal_ids(settings, loaded.tokenizer)
+    log.info("refusal tokens: %s", loaded.tokenizer.convert_ids_to_tokens(ids))
+    if settings.filter_prompts:
+        splits = filter_prompts(loaded, splits, ids, settings.batch_size)
+    filtered = {k: len(v) for k, v in vars(splits).items()}
+    candidates = compute_candidates(loaded, splits, n_pos, settings)
+    scores = candidate_grid(loaded, candidates, settings)
+    score_finalists(loaded, candidates, screen_candidates(loaded, candidates, scores, splits, ids, settings),
+                    splits, ids, settings)
+    best = choose(scores, settings.kl_threshold)
+    direction = Direction(
+        candidates.vector(best.pos, best.layer),
+        layer=best.layer,
+        pos=best.pos,
+        lang=settings.lang,
+        source_model=settings.model,
+        method=settings.method,
+    )
+    log.info("chosen direction: layer %d, pos %d (refusal %s, induce %s, KL %s)",
+             best.layer, best.pos, best.refusal, best.induce, best.kl)
+    return DirectionResult(direction, best, scores, candidates, n_pos, filtered)
+
+
+def run_directions(settings: Settings) -> DirectionResult:
+    """`abliterate directions`: compute and save the direction and every candidate's scores."""
+    out = _directions_path(settings)
+    check_output(out, overwrite=settings.overwrite)
+    result = find_direction(settings, load(settings))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.direction.save(out)
+    out.with_name(out.stem + ".candidates.json").write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+    return result
+
+
+def _directions_path(settings: Settings) -> Path:
+    if settings.out is None:
+        raise UsageError("no output file given", hint="pass --out FILE.safetensors")
+    out = Path(settings.out)
+    return out / DIRECTION_FILE if out.is_dir() or out.suffix != ".safetensors" else out
+
+
+@dataclass
+class EditResult:
+    out: Path
+    direction: DirectionResult
+    edited_tensors: int
+
+
+def run_edit(settings: Settings) -> EditResult:
+    """`abliterate edit`: direction, then the streaming edit of the source checkpoint into --out."""
+    if settings.out is None:
+        raise UsageError("no output folder given", hint="pass --out DIR")
+    loaded = load(settings)
+    check_output(settings.out, overwrite=settings.overwrite, sources=[loaded.source.folder])
+    result = find_direction(settings, loaded)
+    source = loaded.source
+    del loaded  # free the forward-pass model before streaming the checkpoint
+    config = read_config(source.folder)
+    checkpoint = Checkpoint.open(source.folder, allow_pickle=settings.allow_pickle)
+    with atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder]) as tmp:
+        plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes)
+        (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+    return EditResult(Path(settings.out).resolve(), result, len(plan.edits))

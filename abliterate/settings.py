@@ -1,0 +1,107 @@
+"""One validated settings model shared by every command, by recipes (YAML) and by the CLI's options.
+
+A recipe file holds the same keys as the options (with underscores); CLI flags override it. The CLI builds
+its options from the field descriptions here, so help text and validation live in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from abliterate.errors import UsageError
+from abliterate.languages import check_language
+from abliterate.shards import parse_size
+
+
+class Settings(BaseModel):
+    """Everything a run of abliterate can be told."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Hugging Face model id, local model folder, or .gguf file.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of MODEL.")
+    lang: str = Field("en", description="Language whose prompts define the direction (ar de en es fr it ja ko nl pl ru th zh yo).")
+    prompts: str = Field("builtin", description="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype for forward passes (auto: float32 on CPU, bfloat16 on GPU)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where forward passes run (auto: all GPUs via device_map=auto if any, else CPU)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code to run (only if you trust it).")
+    allow_pickle: bool = Field(False, description="Allow pickle (.bin) checkpoints, which can run code when loaded.")
+    chat_template: Path | None = Field(None, description="Jinja chat template file, for models that lack one.")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    n_train: int = Field(128, ge=2, description="Harmful and harmless train prompts used for the mean activations.")
+    n_val: int = Field(32, ge=1, description="Harmful and harmless validation prompts used to select the direction.")
+    layer: int | None = Field(None, ge=0, description="Use the direction from this layer (skips the layer search).")
+    pos: int | None = Field(None, le=-1, description="Use this post-instruction position, e.g. -1 (skips the position search).")
+    method: Literal["standard", "projected"] = Field(
+        "projected",
+        description="standard: raw difference in means (the paper); projected: also remove its component along the harmless mean.",
+    )
+    kl_threshold: float = Field(0.1, gt=0, description="Selection keeps candidates whose first-token KL is below this.")
+    prune_layers: float = Field(0.2, ge=0, lt=1, description="Fraction of final layers never selected.")
+    screen_prompts: int = Field(
+        8, ge=1, description="Harmful and harmless validation prompts in the quick first pass over all candidates."
+    )
+    finalists: int = Field(12, ge=1, description="Candidates that get the full validation scores after screening.")
+    filter_prompts: bool = Field(
+        True, description="Keep only harmful prompts the model refuses and harmless ones it answers (by refusal score)."
+    )
+    refusal_tokens: list[str] | None = Field(
+        None, description="Strings whose first tokens count as refusal openings (default: derived from --lang)."
+    )
+    max_shard_size: str = Field("5GB", description="Largest output shard, e.g. 5GB or 500MB.")
+    out: Path | None = Field(None, description="Output folder (or file, for `directions`).")
+    overwrite: bool = Field(False, description="Replace an existing --out.")
+    eval: bool = Field(True, description="Evaluate the base and edited model after the edit.")
+
+    @field_validator("lang")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        return check_language(value)
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """Read a recipe YAML into a dict of settings (validated later, together with the CLI's flags)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UsageError(f"cannot read recipe {path}: {err.strerror}", hint="check the path") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"recipe {path} is not valid YAML: {err}", hint="fix the file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must be a mapping of settings", hint="see recipes/ for examples")
+    settings = data.get("settings", data)
+    if not isinstance(settings, dict):
+        raise UsageError(f"recipe {path}: 'settings' must be a mapping", hint="see recipes/ for examples")
+    return {str(k).replace("-", "_"): v for k, v in settings.items()}
+
+
+def build_settings(recipe: Path | None, overrides: dict[str, Any]) -> Settings:
+    """Recipe values, then CLI flags that were given; validation errors become one-line UsageErrors."""
+    values = load_recipe(recipe) if recipe is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        if isinstance(first.get("ctx", {}).get("error"), UsageError):
+            raise first["ctx"]["error"] from None
+        raise UsageError(f"invalid value for {where}: {first['msg']}", hint="see `abliterate --help`") from None

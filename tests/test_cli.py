@@ -1,0 +1,141 @@
+"""The CLI on tiny models: `edit`, `directions` and `apply` end to end, and every bad input answered in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build, save_tokenizer
+from transformers import AutoModelForCausalLM
+
+from abliterate.direction import Direction
+
+FAST = ["--n-train", "8", "--n-val", "4", "--screen-prompts", "2", "--finalists", "2", "--batch-size", "8",
+        "--refusal-tokens", "I", "--refusal-tokens", "Sorry", "--no-eval"]
+
+
+def run(*args: str | Path, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real console entry point in a subprocess, as a user would."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "abliterate", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "llama-chat"
+    build("llama", folder, tied=True)
+    save_tokenizer(folder)
+    return folder
+
+
+def test_edit_end_to_end_on_tiny_model(tiny_chat: Path, tmp_path: Path) -> None:
+    before = snapshot(tiny_chat)
+    out = tmp_path / "edited"
+    done = run("edit", tiny_chat, "--out", out, *FAST, check=True)
+    assert "direction: layer" in done.stdout
+    assert snapshot(tiny_chat) == before  # the source is never written to
+    report = json.loads((out / "abliterate" / "candidates.json").read_text())
+    assert report["candidates"] and report["chosen"]["layer"] in {c["layer"] for c in report["candidates"]}
+    direction = Direction.load(out / "abliterate" / "direction.safetensors")
+    assert direction.layer == report["chosen"]["layer"] and direction.lang == "en"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert float((model.model.embed_tokens.weight.detach() @ direction.vector).abs().max()) < 1e-4
+    assert not any(p.name.startswith(".abliterate-tmp") for p in tmp_path.iterdir())
+
+
+def test_directions_then_apply_equals_edit_with_fixed_layer(tiny_chat: Path, tmp_path: Path) -> None:
+    direction_file = tmp_path / "r.safetensors"
+    run("directions", tiny_chat, "--out", direction_file, "--layer", "1", "--pos", "-1", *FAST[:-1], check=True)
+    assert json.loads((tmp_path / "r.candidates.json").read_text())["chosen"]["layer"] == 1
+    run("apply", tiny_chat, "--direction", direction_file, "--out", tmp_path / "a", check=True)
+    run("edit", tiny_chat, "--out", tmp_path / "b", "--layer", "1", "--pos", "-1", *FAST, check=True)
+    for shard in (tmp_path / "a").glob("model-*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()  # deterministic
+
+
+def test_gguf_is_not_needed_for_apply_of_pickle_only_with_flag(tmp_path: Path) -> None:
+    source = tmp_path / "bin-model"
+    model = build("llama", source)
+    for shard in source.glob("*.safetensors*"):
+        shard.unlink()
+    torch.save(model.state_dict(), source / "pytorch_model.bin")
+    Direction(torch.randn(32)).save(tmp_path / "r.safetensors")
+    done = run("apply", source, "--direction", tmp_path / "r.safetensors", "--out", tmp_path / "out")
+    assert_one_line_error(done, "pickle", "--allow-pickle")
+    assert not (tmp_path / "out").exists()
+    run("apply", source, "--direction", tmp_path / "r.safetensors", "--out", tmp_path / "out", "--allow-pickle",
+        check=True)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+
+
+class TestBadInput:
+    def test_unknown_model_path(self, tmp_path: Path) -> None:
+        done = run("edit", tmp_path / "nope", "--out", tmp_path / "out")
+        assert_one_line_error(done, "not found")
+        assert not (tmp_path / "out").exists()
+
+    def test_unsupported_family(self, tmp_path: Path) -> None:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+        done = run("edit", tmp_path / "gpt2", "--out", tmp_path / "out")
+        assert_one_line_error(done, "unsupported model family 'gpt2'", "llama", "qwen2")
+        assert not (tmp_path / "out").exists()
+
+    def test_unknown_lang(self, tiny_chat: Path, tmp_path: Path) -> None:
+        done = run("edit", tiny_chat, "--lang", "xx", "--out", tmp_path / "out")
+        assert_one_line_error(done, "unknown language code 'xx'", "de")
+
+    def test_layer_out_of_range(self, tiny_chat: Path, tmp_path: Path) -> None:
+        done = run("edit", tiny_chat, "--layer", "99", "--out", tmp_path / "out", *FAST)
+        assert_one_line_error(done, "--layer 99", "0..2")
+        assert not (tmp_path / "out").exists()
+
+    def test_existing_out_without_overwrite(self, tiny_chat: Path, tmp_path: Path) -> None:
+        out = tmp_path / "out"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+        done = run("edit", tiny_chat, "--out", out, *FAST)
+        assert_one_line_error(done, "already exists", "--overwrite")
+        assert (out / "keep.txt").read_text() == "mine"
+
+    def test_direction_of_wrong_size(self, tiny_chat: Path, tmp_path: Path) -> None:
+        Direction(torch.randn(48)).save(tmp_path / "r.safetensors")
+        done = run("apply", tiny_chat, "--direction", tmp_path / "r.safetensors", "--out", tmp_path / "out")
+        assert_one_line_error(done, "48 dimensions", "hidden_size is 32")
+        assert not (tmp_path / "out").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".abliterate-tmp")]
+
+    def test_output_inside_source(self, tiny_chat: Path) -> None:
+        done = run("edit", tiny_chat, "--out", tiny_chat / "edited", *FAST)
+        assert_one_line_error(done, "inside the source")
+
+    def test_nonsense_shard_size(self, tiny_chat: Path, tmp_path: Path) -> None:
+        done = run("edit", tiny_chat, "--max-shard-size", "lots", "--out", tmp_path / "out")
+        assert_one_line_error(done, "lots", "5GB")
+
+    def test_traceback_only_with_verbose(self, tmp_path: Path) -> None:
+        done = run("-v", "edit", tmp_path / "nope", "--out", tmp_path / "out")
+        assert done.returncode != 0 and "Traceback" in done.stderr
