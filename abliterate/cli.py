@@ -158,6 +158,19 @@ def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given:
     click.echo(f"edited {len(plan.edits)} tensors ({plan.arch.name}) -> {out}")
 
 
+@cli.command("prompts")
+@click.option("--lang", default="en", show_default=True, help="Language code (ar de en es fr it ja ko nl pl ru th zh yo).")
+@click.option("--prompts", "source", default="builtin", show_default=True,
+              help="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.")
+@click.option("--samples", default=3, show_default=True, help="Sample lines to show per kind.")
+def prompts_command(lang: str, source: str, samples: int) -> None:
+    """Show the prompt counts per kind and split for a language, with a few samples."""
+    from abliterate import prompts
+    from abliterate.languages import check_language
+
+    click.echo(prompts.describe(prompts.load(source, default_lang=check_language(lang)), lang, samples))
+
+
 def main() -> None:
     """Console entry point: run the group, turning library errors into one-line messages."""
     verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}) for a in sys.argv[1:])
