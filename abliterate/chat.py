@@ -21,7 +21,9 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, template_file: Path | 
         try:
             tokenizer.chat_template = Path(template_file).read_text(encoding="utf-8")
         except OSError as err:
-            raise ModelError(f"cannot read chat template {template_file}: {err.strerror}", hint="check the path") from None
+            raise ModelError(
+                f"cannot read chat template {template_file}: {err.strerror}", hint="check the path"
+            ) from None
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(
             f"{model} has no chat template (is it a base model rather than a chat model?)",

@@ -82,8 +82,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         begin, end = entry["data_offsets"]
         if base + end > size:
             raise CheckpointError(
-                f"safetensors file {path} is truncated: tensor {name!r} ends at byte {base + end}, "
-                f"the file has {size}",
+                f"safetensors file {path} is truncated: tensor {name!r} ends at byte {base + end}, the file has {size}",
                 hint="download the shard again",
             )
         infos[name] = TensorInfo(name, path, entry["dtype"], tuple(entry["shape"]), base + begin, base + end)
@@ -156,9 +155,7 @@ class Checkpoint:
         )
 
     @classmethod
-    def _from_safetensors(
-        cls, folder: Path, files: list[Path], expected: dict[str, Path] | None
-    ) -> Checkpoint:
+    def _from_safetensors(cls, folder: Path, files: list[Path], expected: dict[str, Path] | None) -> Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for path in files:

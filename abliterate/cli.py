@@ -24,9 +24,19 @@ log = logging.getLogger("abliterate")
 # Options shared by commands that run forward passes.
 MODEL_OPTIONS = ["revision", "dtype", "device", "trust_remote_code", "allow_pickle", "chat_template", "batch_size"]
 DIRECTION_OPTIONS = [
-    "lang", "prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold", "prune_layers",
-    "screen_prompts", "finalists",
-    "filter_prompts", "refusal_tokens",
+    "lang",
+    "prompts",
+    "n_train",
+    "n_val",
+    "layer",
+    "pos",
+    "method",
+    "kl_threshold",
+    "prune_layers",
+    "screen_prompts",
+    "finalists",
+    "filter_prompts",
+    "refusal_tokens",
 ]
 
 
@@ -99,14 +109,17 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @recipe_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the edited checkpoint.")
 @click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
 @click.option("--eval/--no-eval", "eval_", default=None, help="Evaluate the base and edited model (default on).")
 @settings_options("max_shard_size", *DIRECTION_OPTIONS, *MODEL_OPTIONS)
-def edit(model: str, recipe: Path | None, eval_: bool | None, **given: Any) -> None:
-    """Compute the refusal direction of MODEL and write an orthogonalized checkpoint to --out."""
+def edit(model: str | None, recipe: Path | None, eval_: bool | None, **given: Any) -> None:
+    """Compute the refusal direction of MODEL and write an orthogonalized checkpoint to --out.
+
+    MODEL is a hub id, a local folder or a .gguf file; it may also come from --recipe.
+    """
     from abliterate.pipeline import run_edit
 
     settings = _settings(recipe, model=model, eval=eval_, **given)
@@ -120,12 +133,12 @@ def edit(model: str, recipe: Path | None, eval_: bool | None, **given: Any) -> N
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", required=False)
 @recipe_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Direction file to write (.safetensors).")
 @click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
 @settings_options(*DIRECTION_OPTIONS, *MODEL_OPTIONS)
-def directions(model: str, recipe: Path | None, **given: Any) -> None:
+def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
     """Compute candidate directions for MODEL, select one, and save it (no weights are written)."""
     from abliterate.pipeline import run_directions
 
@@ -137,8 +150,13 @@ def directions(model: str, recipe: Path | None, **given: Any) -> None:
 
 @cli.command()
 @click.argument("model")
-@click.option("--direction", "direction_file", type=click.Path(path_type=Path), required=True,
-              help="Direction file (direction.safetensors, or an edited model folder holding one).")
+@click.option(
+    "--direction",
+    "direction_file",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Direction file (direction.safetensors, or an edited model folder holding one).",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @settings_options("max_shard_size", "revision", "allow_pickle")
@@ -152,16 +170,27 @@ def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given:
     direction = Direction.load(direction_file)
     source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
     plan = apply_direction(
-        source.folder, direction, out, max_shard_size=settings.max_shard_bytes, overwrite=overwrite,
+        source.folder,
+        direction,
+        out,
+        max_shard_size=settings.max_shard_bytes,
+        overwrite=overwrite,
         allow_pickle=settings.allow_pickle,
     )
     click.echo(f"edited {len(plan.edits)} tensors ({plan.arch.name}) -> {out}")
 
 
 @cli.command("prompts")
-@click.option("--lang", default="en", show_default=True, help="Language code (ar de en es fr it ja ko nl pl ru th zh yo).")
-@click.option("--prompts", "source", default="builtin", show_default=True,
-              help="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.")
+@click.option(
+    "--lang", default="en", show_default=True, help="Language code (ar de en es fr it ja ko nl pl ru th zh yo)."
+)
+@click.option(
+    "--prompts",
+    "source",
+    default="builtin",
+    show_default=True,
+    help="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.",
+)
 @click.option("--samples", default=3, show_default=True, help="Sample lines to show per kind.")
 def prompts_command(lang: str, source: str, samples: int) -> None:
     """Show the prompt counts per kind and split for a language, with a few samples."""

@@ -68,7 +68,7 @@ class Direction:
             raise UsageError(f"direction file {path} not found", hint="create one with `abliterate directions`")
         try:
             with safe_open(str(path), framework="pt") as fh:
-                if "direction" not in fh.keys():
+                if "direction" not in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
                     raise UsageError(
                         f"{path} has no tensor named 'direction'", hint="create it with `abliterate directions`"
                     )

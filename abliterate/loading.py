@@ -112,7 +112,7 @@ def convert_gguf(path: Path) -> Path:
     except Exception as err:  # transformers raises many types for unreadable GGUF files
         raise ModelError(f"cannot load GGUF file {path}: {err}", hint="check that it is a GGUF chat model") from None
     # The weights are plain float tensors now; drop the GGUF quantizer so that transformers saves them.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (typed as Module by transformers)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     with atomic_output(target, overwrite=False) as tmp:
@@ -153,7 +153,9 @@ def load_model(
         )
     except ValueError as err:
         if "trust_remote_code" in str(err):
-            raise ModelError(f"{source.spec} needs custom code", hint="pass --trust-remote-code if you trust it") from None
+            raise ModelError(
+                f"{source.spec} needs custom code", hint="pass --trust-remote-code if you trust it"
+            ) from None
         raise ModelError(f"cannot load {source.spec}: {err}", hint="check that it is a causal LM") from None
     except OSError as err:
         raise ModelError(f"cannot load {source.spec}: {err}", hint="the checkpoint may be incomplete") from None

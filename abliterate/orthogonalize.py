@@ -21,7 +21,7 @@ import torch
 
 from abliterate import progress
 from abliterate.archs import Architecture, Component, lookup
-from abliterate.checkpoint import DTYPE_CODES, DTYPES, Checkpoint, tensor_bytes
+from abliterate.checkpoint import DTYPES, Checkpoint, tensor_bytes
 from abliterate.direction import DIRECTION_FILE, Direction
 from abliterate.errors import CheckpointError, ModelError
 from abliterate.output import atomic_output
@@ -147,7 +147,9 @@ def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tens
     """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
     component, layer = plan.edits[name]
     tensor = checkpoint.get(name)
-    edited = project_out(tensor, _direction_for(plan, checkpoint, component, layer, r), hidden_axis(component, tensor.dim()))
+    edited = project_out(
+        tensor, _direction_for(plan, checkpoint, component, layer, r), hidden_axis(component, tensor.dim())
+    )
     if not torch.isfinite(edited).all():
         raise CheckpointError(f"editing {name!r} produced NaN or Inf", hint="check the source tensor and direction")
     return edited
@@ -235,7 +237,9 @@ def write_checkpoint(
     write_config(checkpoint.folder, out, config, plan)
     copy_side_files(checkpoint.folder, out)
     direction.save(out / "abliterate" / DIRECTION_FILE)
-    log.info("edited %d tensors, copied %d unchanged, %d shard(s)", len(plan.edits), total - len(plan.edits), len(shards))
+    log.info(
+        "edited %d tensors, copied %d unchanged, %d shard(s)", len(plan.edits), total - len(plan.edits), len(shards)
+    )
     return plan
 
 

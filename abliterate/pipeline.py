@@ -109,9 +109,7 @@ def check_layer_choice(settings: Settings, n_layers: int, n_pos: int) -> None:
     if settings.layer is not None and settings.layer >= n_layers:
         raise UsageError(f"--layer {settings.layer} is out of range", hint=f"this model has layers 0..{n_layers - 1}")
     if settings.pos is not None and settings.pos < -n_pos:
-        raise UsageError(
-            f"--pos {settings.pos} is out of range", hint=f"this chat template has positions -{n_pos}..-1"
-        )
+        raise UsageError(f"--pos {settings.pos} is out of range", hint=f"this chat template has positions -{n_pos}..-1")
 
 
 def load_prompts(settings: Settings) -> PromptSplits:
@@ -141,15 +139,18 @@ def _refusal_scores(loaded: LoadedModel, texts: list[str], ids: list[int], batch
 
 
 def _keep(texts: list[str], mask: torch.Tensor, what: str) -> list[str]:
-    kept = [t for t, keep in zip(texts, mask.tolist()) if keep]
+    kept = [t for t, keep in zip(texts, mask.tolist(), strict=True) if keep]
     if len(kept) < max(2, len(texts) // 4):
-        log.warning("only %d of %d %s prompts pass the refusal-score filter; using all of them", len(kept), len(texts), what)
+        log.warning(
+            "only %d of %d %s prompts pass the refusal-score filter; using all of them", len(kept), len(texts), what
+        )
         return texts
     return kept
 
 
 def filter_prompts(loaded: LoadedModel, splits: PromptSplits, ids: list[int], batch_size: int) -> PromptSplits:
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it answers (score < 0)."""
+
     def harmful(texts: list[str], what: str) -> list[str]:
         return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size) > 0, what)
 
@@ -179,7 +180,11 @@ def candidate_grid(loaded: LoadedModel, candidates: Candidates, settings: Settin
 
 
 def screen_candidates(
-    loaded: LoadedModel, candidates: Candidates, grid: list[CandidateScore], splits: PromptSplits, ids: list[int],
+    loaded: LoadedModel,
+    candidates: Candidates,
+    grid: list[CandidateScore],
+    splits: PromptSplits,
+    ids: list[int],
     settings: Settings,
 ) -> list[CandidateScore]:
     """First pass: ablation on a few prompts for every candidate; returns the finalists."""
@@ -195,7 +200,11 @@ def screen_candidates(
 
 
 def score_finalists(
-    loaded: LoadedModel, candidates: Candidates, chosen: list[CandidateScore], splits: PromptSplits, ids: list[int],
+    loaded: LoadedModel,
+    candidates: Candidates,
+    chosen: list[CandidateScore],
+    splits: PromptSplits,
+    ids: list[int],
     settings: Settings,
 ) -> None:
     """Second pass: refusal, induce and KL scores on all validation prompts."""
@@ -218,8 +227,9 @@ def find_direction(settings: Settings, loaded: LoadedModel) -> DirectionResult:
     filtered = {k: len(v) for k, v in vars(splits).items()}
     candidates = compute_candidates(loaded, splits, n_pos, settings)
     scores = candidate_grid(loaded, candidates, settings)
-    score_finalists(loaded, candidates, screen_candidates(loaded, candidates, scores, splits, ids, settings),
-                    splits, ids, settings)
+    score_finalists(
+        loaded, candidates, screen_candidates(loaded, candidates, scores, splits, ids, settings), splits, ids, settings
+    )
     best = choose(scores, settings.kl_threshold)
     direction = Direction(
         candidates.vector(best.pos, best.layer),
@@ -229,8 +239,14 @@ def find_direction(settings: Settings, loaded: LoadedModel) -> DirectionResult:
         source_model=settings.model,
         method=settings.method,
     )
-    log.info("chosen direction: layer %d, pos %d (refusal %s, induce %s, KL %s)",
-             best.layer, best.pos, best.refusal, best.induce, best.kl)
+    log.info(
+        "chosen direction: layer %d, pos %d (refusal %s, induce %s, KL %s)",
+        best.layer,
+        best.pos,
+        best.refusal,
+        best.induce,
+        best.kl,
+    )
     return DirectionResult(direction, best, scores, candidates, n_pos, filtered)
 
 

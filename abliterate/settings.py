@@ -24,7 +24,9 @@ class Settings(BaseModel):
 
     model: str = Field(description="Hugging Face model id, local model folder, or .gguf file.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of MODEL.")
-    lang: str = Field("en", description="Language whose prompts define the direction (ar de en es fr it ja ko nl pl ru th zh yo).")
+    lang: str = Field(
+        "en", description="Language whose prompts define the direction (ar de en es fr it ja ko nl pl ru th zh yo)."
+    )
     prompts: str = Field("builtin", description="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype for forward passes (auto: float32 on CPU, bfloat16 on GPU)."
@@ -32,17 +34,22 @@ class Settings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where forward passes run (auto: all GPUs via device_map=auto if any, else CPU)."
     )
-    trust_remote_code: bool = Field(False, description="Allow the model's own Python code to run (only if you trust it).")
+    trust_remote_code: bool = Field(
+        False, description="Allow the model's own Python code to run (only if you trust it)."
+    )
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) checkpoints, which can run code when loaded.")
     chat_template: Path | None = Field(None, description="Jinja chat template file, for models that lack one.")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     n_train: int = Field(128, ge=2, description="Harmful and harmless train prompts used for the mean activations.")
     n_val: int = Field(32, ge=1, description="Harmful and harmless validation prompts used to select the direction.")
     layer: int | None = Field(None, ge=0, description="Use the direction from this layer (skips the layer search).")
-    pos: int | None = Field(None, le=-1, description="Use this post-instruction position, e.g. -1 (skips the position search).")
+    pos: int | None = Field(
+        None, le=-1, description="Use this post-instruction position, e.g. -1 (skips the position search)."
+    )
     method: Literal["standard", "projected"] = Field(
         "projected",
-        description="standard: raw difference in means (the paper); projected: also remove its component along the harmless mean.",
+        description="standard: raw difference in means (the paper); "
+        "projected: also remove its component along the harmless mean.",
     )
     kl_threshold: float = Field(0.1, gt=0, description="Selection keeps candidates whose first-token KL is below this.")
     prune_layers: float = Field(0.2, ge=0, lt=1, description="Fraction of final layers never selected.")
@@ -101,6 +108,10 @@ def build_settings(recipe: Path | None, overrides: dict[str, Any]) -> Settings:
         return Settings.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
+        if first["type"] == "missing" and first["loc"] == ("model",):
+            raise UsageError(
+                "no model given", hint="pass MODEL (hub id, folder or .gguf) or a --recipe with model:"
+            ) from None
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         if isinstance(first.get("ctx", {}).get("error"), UsageError):
             raise first["ctx"]["error"] from None

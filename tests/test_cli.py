@@ -15,15 +15,36 @@ from transformers import AutoModelForCausalLM
 
 from abliterate.direction import Direction
 
-FAST = ["--n-train", "8", "--n-val", "4", "--screen-prompts", "2", "--finalists", "2", "--batch-size", "8",
-        "--refusal-tokens", "I", "--refusal-tokens", "Sorry", "--no-eval"]
+FAST = [
+    "--n-train",
+    "8",
+    "--n-val",
+    "4",
+    "--screen-prompts",
+    "2",
+    "--finalists",
+    "2",
+    "--batch-size",
+    "8",
+    "--refusal-tokens",
+    "I",
+    "--refusal-tokens",
+    "Sorry",
+    "--no-eval",
+]
 
 
 def run(*args: str | Path, check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run the real console entry point in a subprocess, as a user would."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "abliterate", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "abliterate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -85,8 +106,16 @@ def test_gguf_is_not_needed_for_apply_of_pickle_only_with_flag(tmp_path: Path) -
     done = run("apply", source, "--direction", tmp_path / "r.safetensors", "--out", tmp_path / "out")
     assert_one_line_error(done, "pickle", "--allow-pickle")
     assert not (tmp_path / "out").exists()
-    run("apply", source, "--direction", tmp_path / "r.safetensors", "--out", tmp_path / "out", "--allow-pickle",
-        check=True)
+    run(
+        "apply",
+        source,
+        "--direction",
+        tmp_path / "r.safetensors",
+        "--out",
+        tmp_path / "out",
+        "--allow-pickle",
+        check=True,
+    )
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
 
 

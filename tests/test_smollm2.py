@@ -19,8 +19,24 @@ pytestmark = pytest.mark.slow
 def test_edit_gguf_end_to_end(tmp_path: Path) -> None:
     gguf = smollm2_gguf()
     out = tmp_path / "smollm2-edited"
-    done = run("edit", gguf, "--out", out, "--n-train", "32", "--n-val", "8", "--screen-prompts", "4",
-               "--finalists", "3", "--batch-size", "16", "--no-eval", check=True)
+    done = run(
+        "edit",
+        gguf,
+        "--out",
+        out,
+        "--n-train",
+        "32",
+        "--n-val",
+        "8",
+        "--screen-prompts",
+        "4",
+        "--finalists",
+        "3",
+        "--batch-size",
+        "16",
+        "--no-eval",
+        check=True,
+    )
     assert "direction: layer" in done.stdout
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config  # dequantized: nothing may claim GGUF quantization
@@ -32,7 +48,11 @@ def test_edit_gguf_end_to_end(tmp_path: Path) -> None:
     assert tokenizer.chat_template  # copied with the tokenizer
     emb = model.get_input_embeddings().weight.detach()
     assert float((emb @ direction.vector).abs().max()) < 1e-4
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]

@@ -31,8 +31,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma2": {},
     "gemma3_text": {},
     "phi3": {},
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=16),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
+    ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
@@ -40,8 +41,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
 POST_NORM_FAMILIES = {"gemma2", "gemma3_text"}
 
 
-def build(model_type: str, folder: Path, *, tied: bool | None = None, seed: int = 0,
-          extra: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build(
+    model_type: str,
+    folder: Path,
+    *,
+    tied: bool | None = None,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
     """Build a random model of `model_type`, save it in 2+ safetensors shards to `folder`, return it."""
     torch.manual_seed(seed)
     kwargs = {**BASE, **FAMILIES[model_type], **(extra or {})}
@@ -71,7 +79,25 @@ def save_tokenizer(folder: Path, vocab_size: int = 128) -> None:
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"]
-    words = "I As Sorry cannot help the a to of and how write explain make give list describe".split()
+    words = [
+        "I",
+        "As",
+        "Sorry",
+        "cannot",
+        "help",
+        "the",
+        "a",
+        "to",
+        "of",
+        "and",
+        "how",
+        "write",
+        "explain",
+        "make",
+        "give",
+        "list",
+        "describe",
+    ]
     vocab = {tok: i for i, tok in enumerate(specials + words)}
     filler = 0
     while len(vocab) < vocab_size:
@@ -80,7 +106,11 @@ def save_tokenizer(folder: Path, vocab_size: int = 128) -> None:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         additional_special_tokens=specials[4:],
     )
     fast.chat_template = CHAT_TEMPLATE
