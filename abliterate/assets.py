@@ -12,8 +12,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from abliterate.cache import cache_dir
 from abliterate.errors import ModelError
-from abliterate.loading import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -209,7 +209,7 @@ class Checkpoint:
         """Yield a tensor's stored bytes unchanged, in chunks (safetensors sources only)."""
         info = self.tensors[name]
         if self.is_pickle:
-            yield tensor_bytes(self.get(name))
+            yield bytes(tensor_buffer(self.get(name)))
             return
         with info.file.open("rb") as fh:
             fh.seek(info.start)
@@ -222,12 +222,12 @@ class Checkpoint:
                 yield data
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The little-endian bytes of a CPU tensor, as safetensors stores them."""
+def tensor_buffer(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy view of a CPU tensor's little-endian bytes, as safetensors stores them."""
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:

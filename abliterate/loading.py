@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from abliterate.cache import cache_dir
 from abliterate.errors import ModelError
 from abliterate.output import atomic_output
 
@@ -26,11 +26,6 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "LICENSE*", "USE_POLICY*"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def cache_dir() -> Path:
-    """Where abliterate keeps converted models and the model organism (`ABLITERATE_CACHE` overrides)."""
-    return Path(os.environ.get("ABLITERATE_CACHE", Path.home() / ".cache" / "abliterate")).expanduser()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 
 from abliterate import progress
 from abliterate.archs import Architecture, Component, lookup
-from abliterate.checkpoint import DTYPES, Checkpoint, tensor_bytes
+from abliterate.checkpoint import DTYPES, Checkpoint, tensor_buffer
 from abliterate.direction import DIRECTION_FILE, Direction
 from abliterate.errors import CheckpointError, ModelError
 from abliterate.output import atomic_output
@@ -50,18 +50,34 @@ def hidden_axis(component: Component, ndim: int) -> int:
 def project_out(tensor: torch.Tensor, direction: torch.Tensor, axis: int) -> torch.Tensor:
     """Remove `direction` (unit, float32) from `tensor` along `axis`, computing in float32 by chunks.
 
-    Returns a tensor of the input's dtype. The input is not modified.
+    Returns a new tensor of the input's dtype; the input is not modified. Chunks are independent slices
+    (rows of an embedding, column blocks of a weight), so float32 memory stays at one chunk.
     """
-    moved = tensor.movedim(axis, -1)
-    hidden = moved.shape[-1]
-    flat = moved.reshape(-1, hidden)
-    result = torch.empty_like(flat)
-    rows = max(1, _CHUNK_ELEMENTS // max(hidden, 1))
-    for start in range(0, flat.shape[0], rows):
-        chunk = flat[start : start + rows].to(torch.float32, copy=True)
-        chunk -= torch.outer(chunk @ direction, direction)
-        result[start : start + rows] = chunk.to(tensor.dtype)
-    return result.reshape(moved.shape).movedim(-1, axis).contiguous()
+    result = torch.empty_like(tensor)
+    if tensor.dim() == 1:
+        edited = tensor.to(torch.float32, copy=True)
+        result.copy_(edited - (edited @ direction) * direction)
+    elif tensor.dim() == 3:  # fused expert stack: one 2-D matrix per expert
+        for expert in range(tensor.shape[0]):
+            result[expert] = project_out(tensor[expert], direction, axis - 1)
+    else:
+        _project_matrix(tensor, result, direction, axis)
+    return result
+
+
+def _project_matrix(source: torch.Tensor, result: torch.Tensor, r: torch.Tensor, axis: int) -> None:
+    """result <- source - r r^T source (axis 0) or source - (source r) r^T (axis 1), by slices."""
+    other = source.shape[1 - axis]
+    step = max(1, _CHUNK_ELEMENTS // max(source.shape[axis], 1))
+    for start in range(0, other, step):
+        part = slice(start, min(start + step, other))
+        index = (slice(None), part) if axis == 0 else (part, slice(None))
+        chunk = source[index].to(torch.float32, copy=True)
+        if axis == 0:
+            chunk.addr_(r, r @ chunk, alpha=-1.0)
+        else:
+            chunk.addr_(chunk @ r, r, alpha=-1.0)
+        result[index] = chunk
 
 
 def post_norm_direction(direction: torch.Tensor, norm_weight: torch.Tensor, offset: float) -> torch.Tensor:
@@ -172,11 +188,14 @@ def _write_tensor(
     writer: ShardWriter, spec: TensorSpec, plan: EditPlan, checkpoint: Checkpoint, r: torch.Tensor
 ) -> None:
     if spec.name in plan.edits:
-        writer.write(spec.name, tensor_bytes(edit_tensor(plan, checkpoint, spec.name, r)))
+        writer.write(spec.name, tensor_buffer(edit_tensor(plan, checkpoint, spec.name, r)))
         return
     source = plan.arch.embedding_tensor if plan.tied and spec.name == plan.arch.lm_head_tensor else spec.name
-    for chunk in checkpoint.iter_raw(source):
-        writer.write(spec.name, chunk)
+    info = checkpoint.tensors[source]
+    if checkpoint.is_pickle:
+        writer.write(spec.name, tensor_buffer(checkpoint.get(source)))
+    else:
+        writer.copy_from(spec.name, info.file, info.start, info.nbytes)
 
 
 def write_config(source: Path, out: Path, config: dict[str, object], plan: EditPlan) -> None:

@@ -126,15 +126,18 @@ def file_for(stem: str, split: Split, lang: str) -> PolyFile:
     """The file of one (stem, split, lang), e.g. ("harmful", "val", "de")."""
     path = ENGLISH_TRAIN_VAL.get((stem, split)) if lang == "en" else None
     kind: Kind = "harmless" if stem == "harmless" else "harmful"
-    return PolyFile(path or f"dataset/splits_multi/{stem}_{split}_translated_{lang}.json", stem, kind, split, lang)
+    path = path or f"dataset/splits_multi/{stem}_{split}_translated_{lang}.json"
+    return PolyFile(path, stem, kind, split, lang)
 
 
 def files_for(lang: str, test: str = "harmful") -> list[PolyFile]:
     """The six files that make one language's harmful/harmless train/val/test prompts."""
     harmful_test = "jailbreakbench" if test == "jailbreakbench" else "harmful"
     return [
-        file_for("harmful", "train", lang), file_for("harmful", "val", lang), file_for(harmful_test, "test", lang),
-        file_for("harmless", "train", lang), file_for("harmless", "val", lang), file_for("harmless", "test", lang),
+        file_for("harmful", "train", lang), file_for("harmful", "val", lang),
+        file_for(harmful_test, "test", lang),
+        file_for("harmless", "train", lang), file_for("harmless", "val", lang),
+        file_for("harmless", "test", lang),
     ]
 
 
@@ -149,7 +152,7 @@ MANIFEST: dict[str, str | None] = {path: _PINNED_SHA256.get(path) for path in _a
 
 def cache_root() -> Path:
     """Where the downloaded files and the lockfile live: one folder per pinned commit."""
-    from abliterate.loading import cache_dir
+    from abliterate.cache import cache_dir
 
     return cache_dir() / "polyrefuse" / COMMIT
 
@@ -178,6 +181,9 @@ def _write_atomic(target: Path, data: bytes) -> None:
         raise
 
 
+_LOCK_HINT = "delete it; the files are then trusted again on their next download"
+
+
 class Lockfile:
     """The trust-on-first-use sums: {repository path: sha256} of files that MANIFEST does not pin."""
 
@@ -189,11 +195,10 @@ class Lockfile:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise DataError(f"cannot read the PolyRefuse lockfile {path} ({err})",
-                                hint="delete it; the files are then verified again on their next download") from None
+                                hint=_LOCK_HINT) from None
             files = data.get("files") if isinstance(data, dict) else None
             if not isinstance(files, dict):
-                raise DataError(f"the PolyRefuse lockfile {path} has no 'files' table",
-                                hint="delete it; the files are then verified again on their next download")
+                raise DataError(f"the PolyRefuse lockfile {path} has no 'files' table", hint=_LOCK_HINT)
             self.sums = {str(k): str(v) for k, v in files.items()}
 
     def record(self, repo_path: str, digest: str) -> None:
@@ -212,21 +217,34 @@ def _download(url: str) -> bytes:
         err.close()
         if err.code == 404:
             raise DataError(f"PolyRefuse file not found at {url} (HTTP 404)",
-                            hint=f"check {URL_ENV} (default {DEFAULT_BASE_URL})") from None
+                            hint=f"check {URL_ENV}; the default base is {DEFAULT_BASE_URL}") from None
         raise DataError(f"cannot download {url}: HTTP {err.code} {err.reason}",
                         hint=f"retry later, or set {URL_ENV} to a mirror") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
         raise DataError(f"cannot download {url} ({reason})",
-                        hint=f"check the network (files already in {cache_root()} work offline), "
-                             f"or set {URL_ENV} to a mirror") from None
+                        hint=f"check the network or set {URL_ENV} to a mirror; "
+                             f"files already cached in {cache_root()} work offline") from None
     if len(data) > MAX_BYTES:
         raise DataError(f"{url} is larger than {MAX_BYTES // 2**20} MiB", hint=f"check {URL_ENV}")
     return data
 
 
-def _fetch(repo_path: str, url: str, root: Path, lock: Lockfile) -> bytes:
-    """The bytes of one file: from the cache if its sum checks out, else downloaded, verified and cached."""
+def _records(repo_path: str, data: bytes) -> list[object]:
+    """A file's JSON list of records; checked before a file is trusted or cached."""
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"PolyRefuse file {repo_path} is not UTF-8 JSON ({err})",
+                        hint=f"check {URL_ENV}; the files of {REPOSITORY} are JSON lists") from None
+    if not isinstance(records, list):
+        raise DataError(f"PolyRefuse file {repo_path}: expected a JSON list of records",
+                        hint=f"check {URL_ENV}; the files of {REPOSITORY} are JSON lists")
+    return records
+
+
+def _fetch(repo_path: str, url: str, root: Path, lock: Lockfile) -> list[object]:
+    """The records of one file: from the cache if its sum checks out, else downloaded, verified, cached."""
     pinned = MANIFEST.get(repo_path)
     expected = pinned or lock.sums.get(repo_path)
     target = root / repo_path
@@ -234,40 +252,34 @@ def _fetch(repo_path: str, url: str, root: Path, lock: Lockfile) -> bytes:
         data = target.read_bytes()
         digest = _sha256(data)
         if expected is None:  # cached, but the lockfile lost its entry: trust the cached copy again
+            records = _records(repo_path, data)
             log.warning("PolyRefuse file %s is not verified: no pinned sha256; recording %s in %s",
                         repo_path, digest, lock.path)
             lock.record(repo_path, digest)
-            return data
+            return records
         if digest == expected:
-            return data
+            return _records(repo_path, data)
         log.warning("cached %s does not match its sha256; downloading it again", target)
     data = _download(url + repo_path)
     digest = _sha256(data)
     if expected is not None and digest != expected:
         where = "pinned in abliterate" if pinned else f"recorded in {lock.path} on first download"
         raise DataError(
-            f"sha256 mismatch for PolyRefuse file {repo_path}: got {digest[:16]}…, expected {expected[:16]}… "
-            f"({where})",
-            hint=f"the download or mirror ({url}) serves other content; retry, or check {URL_ENV}",
+            f"sha256 mismatch for PolyRefuse file {repo_path}: got {digest[:16]}…, "
+            f"expected {expected[:16]}… as {where}",
+            hint=f"the download or the mirror at {url} serves other content; retry, or check {URL_ENV}",
         )
+    records = _records(repo_path, data)
     if expected is None:
         log.warning("PolyRefuse file %s is not verified: abliterate pins no sha256 for it; recorded %s in %s "
                     "and later runs check against it", repo_path, digest, lock.path)
         lock.record(repo_path, digest)
     _write_atomic(target, data)
-    return data
+    return records
 
 
-def _prompts(file: PolyFile, data: bytes) -> list[Prompt]:
+def _prompts(file: PolyFile, records: list[object]) -> list[Prompt]:
     """Map one file's records: `instruction_translated` where a record has that key, else `instruction`."""
-    try:
-        records = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"PolyRefuse file {file.path} is not UTF-8 JSON ({err})",
-                        hint=f"delete {cache_root() / file.path} and retry") from None
-    if not isinstance(records, list):
-        raise DataError(f"PolyRefuse file {file.path}: expected a JSON list of records",
-                        hint=f"check {URL_ENV}; the files of {REPOSITORY} are lists")
     prompts: list[Prompt] = []
     empty = 0
     for n, record in enumerate(records, 1):

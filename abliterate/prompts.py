@@ -28,7 +28,7 @@ from typing import Any, Literal, cast
 from urllib.parse import parse_qsl
 
 from abliterate.errors import DataError, UsageError
-from abliterate.languages import LANGUAGES, parse_languages
+from abliterate.languages import LANGUAGES, check_language, parse_languages
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ Split = Literal["train", "val", "test"]
 KINDS: tuple[Kind, ...] = ("harmful", "harmless")
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
 SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
-SOURCE_HINT = "use builtin, polyrefuse, hf:ORG/NAME or the path of a prompt file/folder (see docs/data.md)"
+SOURCE_HINT = "use builtin, polyrefuse, hf:ORG/NAME or the path of a prompt file or folder; see docs/data.md"
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,11 @@ def _label(value: object) -> str:
 
 
 def _language(code: str, where: str) -> str:
-    if code not in LANGUAGES:
-        raise DataError(f"{where}: unknown language code {code!r}", hint=f"use one of: {' '.join(LANGUAGES)}")
-    return code
+    """`check_language` for codes inside prompt data: a DataError that says where the code was."""
+    try:
+        return check_language(code)
+    except UsageError as err:
+        raise DataError(f"{where}: {err}", hint=err.hint) from None
 
 
 def language_list(spec: str, where: str) -> list[str]:
@@ -104,7 +106,8 @@ def language_list(spec: str, where: str) -> list[str]:
 def _record(raw: Mapping[str, object], where: str, default_lang: str, default_split: Split | None) -> Prompt:
     instruction = raw.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"{where}: missing or empty 'instruction'", hint="every record needs an instruction text")
+        raise DataError(f"{where}: missing or empty 'instruction'",
+                        hint="every record needs an instruction text")
     kind = _label(raw.get("kind"))
     if kind not in KINDS:
         raise DataError(f"{where}: 'kind' must be harmful or harmless, got {raw.get('kind')!r}",
@@ -162,7 +165,8 @@ def _json_value(text: str, where: str) -> object:
         return json.loads(text)
     except json.JSONDecodeError as err:
         at = f"column {err.colno}" if "\n" not in text else f"line {err.lineno}, column {err.colno}"
-        raise DataError(f"{where}: invalid JSON ({err.msg} at {at})", hint="fix the file; see docs/data.md") from None
+        raise DataError(f"{where}: invalid JSON ({err.msg} at {at})",
+                        hint="fix the file; see docs/data.md") from None
 
 
 def _json_object(text: str, where: str) -> dict[str, object]:
@@ -196,10 +200,12 @@ def _rows_from_file(path: Path) -> Iterable[tuple[str, Mapping[str, object]]]:
             return
         data = _json_value(text, path.name)
         if not isinstance(data, list):
-            raise DataError(f"{path.name}: expected a JSON list of records", hint="see docs/data.md for the schema")
+            raise DataError(f"{path.name}: expected a JSON list of records",
+                            hint="see docs/data.md for the schema")
         for n, item in enumerate(data):
             if not isinstance(item, dict):
-                raise DataError(f"{path.name}[{n}]: expected an object", hint="see docs/data.md for the schema")
+                raise DataError(f"{path.name}[{n}]: expected an object",
+                                hint="see docs/data.md for the schema")
             yield f"{path.name}[{n}]", item
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -207,12 +213,14 @@ def _rows_from_file(path: Path) -> Iterable[tuple[str, Mapping[str, object]]]:
             if reader.fieldnames is None:
                 return
             if "instruction" not in reader.fieldnames:
-                raise DataError(f"{path.name}: no 'instruction' column (columns: {', '.join(reader.fieldnames)})",
+                columns = ", ".join(reader.fieldnames)
+                raise DataError(f"{path.name}: no 'instruction' column (columns: {columns})",
                                 hint="the header row needs instruction and kind columns; see docs/data.md")
             for row in reader:
                 yield f"{path.name}:{reader.line_num}", row
         except csv.Error as err:
-            raise DataError(f"{path.name}:{reader.line_num}: malformed CSV ({err})", hint="fix the file") from None
+            raise DataError(f"{path.name}:{reader.line_num}: malformed CSV ({err})",
+                            hint="fix the file") from None
     else:
         kind, split = _txt_labels(path)
         for n, line in enumerate(text.splitlines(), 1):
@@ -238,7 +246,8 @@ def from_path(path: Path, default_lang: str = "en") -> PromptSet:
     for file in files:
         found = [_record(raw, where, default_lang, "train") for where, raw in _rows_from_file(file)]
         if not found:
-            raise DataError(f"{file} is empty (no prompts)", hint="add records; see docs/data.md for the schema")
+            raise DataError(f"{file} is empty (no prompts)",
+                            hint="add records; see docs/data.md for the schema")
         prompts.extend(found)
     return PromptSet(str(path), tuple(prompts))
 
@@ -291,7 +300,9 @@ def _first_line(err: BaseException) -> str:
     return (lines[0] if lines else type(err).__name__)[:200]
 
 
-def _load_hf_dataset(name: str, config: str | None, splits: list[str], revision: str | None) -> dict[str, Any]:
+def _load_hf_dataset(
+    name: str, config: str | None, splits: list[str], revision: str | None
+) -> dict[str, Any]:
     """{split name: datasets.Dataset} for a Hub dataset or a local folder: the boundary to `datasets`."""
     try:
         import datasets
@@ -301,7 +312,7 @@ def _load_hf_dataset(name: str, config: str | None, splits: list[str], revision:
     local = Path(name).expanduser()
     if not local.exists() and not _HF_NAME.match(name):
         raise DataError(f"hf:{name} is neither a local folder nor a dataset name like ORG/NAME",
-                        hint="write hf:ORG/NAME, e.g. hf:walledai/AdvBench?kind=harmful")
+                        hint="write hf:ORG/NAME?kind=harmful, or the path of a local dataset folder")
     path = str(local) if local.exists() else name
     bars_were_off = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
@@ -309,14 +320,13 @@ def _load_hf_dataset(name: str, config: str | None, splits: list[str], revision:
         if splits:
             return {s: datasets.load_dataset(path, config, split=s, revision=revision) for s in splits}
         return dict(datasets.load_dataset(path, config, revision=revision))
-    except DataError:
-        raise
     except FileNotFoundError as err:  # includes datasets' DatasetNotFoundError
         raise DataError(f"dataset {name!r} not found ({_first_line(err)})",
-                        hint="check the name; for a gated or private dataset log in with `hf auth login`") from err
+                        hint="check the name; for a gated or private dataset log in with `hf auth login`"
+                        ) from err
     except (ConnectionError, TimeoutError) as err:
         raise DataError(f"cannot reach the Hugging Face Hub to load {name!r} ({_first_line(err)})",
-                        hint="check the network; a dataset loaded before also works offline with HF_HUB_OFFLINE=1"
+                        hint="check the network; a dataset loaded before works offline with HF_HUB_OFFLINE=1"
                         ) from err
     except Exception as err:  # unknown split/config, malformed files: whatever `datasets` raises, one line
         raise DataError(f"cannot load dataset {name!r}: {_first_line(err)}",
@@ -417,9 +427,9 @@ def load(source: str, default_lang: str = "en") -> PromptSet:
     if source.startswith("hf:"):
         return from_hf(source, default_lang)
     if source == "polyrefuse" or source.startswith("polyrefuse?"):
-        from abliterate import polyrefuse
+        from abliterate.polyrefuse import load as load_polyrefuse
 
-        return polyrefuse.load(source, default_lang)
+        return load_polyrefuse(source, default_lang)
     path = Path(source).expanduser()
     if path.exists():
         return from_path(path, default_lang)

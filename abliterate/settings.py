@@ -27,7 +27,11 @@ class Settings(BaseModel):
     lang: str = Field(
         "en", description="Language whose prompts define the direction (ar de en es fr it ja ko nl pl ru th zh yo)."
     )
-    prompts: str = Field("builtin", description="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.")
+    prompts: str = Field(
+        "builtin",
+        description="Prompt source: 'builtin', a .jsonl/.json/.csv/.txt file or folder, "
+        "'hf:ORG/NAME?column=...&kind=...', or 'polyrefuse' (see docs/data.md).",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype for forward passes (auto: float32 on CPU, bfloat16 on GPU)."
     )

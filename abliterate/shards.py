@@ -8,6 +8,7 @@ writes `model.safetensors.index.json`. The files are read back by the `safetenso
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import Iterable
@@ -105,13 +106,41 @@ class ShardWriter:
         self._fh = self.path.open("wb")
         self._fh.write(_header(plan, metadata))
 
-    def write(self, name: str, data: bytes) -> None:
-        """Append bytes of tensor `name`; a tensor may arrive in several chunks."""
+    def _expect(self, name: str) -> TensorSpec:
         spec = self._plan.tensors[self._index]
         if spec.name != name:
             raise CheckpointError(f"internal error: expected tensor {spec.name!r}, got {name!r}")
+        return spec
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        """Append bytes of tensor `name`; a tensor may arrive in several chunks."""
+        self._expect(name)
         self._fh.write(data)
-        self._written += len(data)
+        self._advance(name, len(data))
+
+    def copy_from(self, name: str, source: Path, start: int, nbytes: int) -> None:
+        """Append tensor `name` by copying `nbytes` from `source` at `start`, in the kernel where possible."""
+        self._expect(name)
+        self._fh.flush()
+        with source.open("rb") as src:
+            offset, left = start, nbytes
+            while left:
+                try:
+                    done = os.copy_file_range(src.fileno(), self._fh.fileno(), left, offset)
+                except OSError:  # another filesystem or an old kernel: plain reads
+                    src.seek(offset)
+                    done = len(data := src.read(min(left, 64 << 20)))
+                    self._fh.write(data)
+                    self._fh.flush()
+                if done == 0:
+                    raise CheckpointError(f"{source} ended early while copying {name!r}", hint="re-download it")
+                offset += done
+                left -= done
+        self._advance(name, nbytes)
+
+    def _advance(self, name: str, count: int) -> None:
+        spec = self._plan.tensors[self._index]
+        self._written += count
         if self._written > spec.nbytes:
             raise CheckpointError(f"internal error: tensor {name!r} got more bytes than its header says")
         if self._written == spec.nbytes:
