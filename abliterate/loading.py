@@ -13,13 +13,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate.cache import cache_dir
 from abliterate.errors import ModelError
 from abliterate.output import atomic_output
+
+if TYPE_CHECKING:  # transformers is imported only when a model is actually loaded (it takes seconds)
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +103,8 @@ def convert_gguf(path: Path) -> Path:
     target = cache_dir() / "converted" / f"{path.stem}-{_gguf_key(path)}"
     if (target / "config.json").is_file():
         return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("dequantizing %s into %s (once)", path.name, target)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -138,6 +143,8 @@ def load_model(
     source: ModelSource, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model (eval mode) and tokenizer (left padding, a pad token) for forward passes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     device_map = "auto" if device == "cuda" else "cpu"

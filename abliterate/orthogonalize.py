@@ -56,6 +56,8 @@ def project_out(tensor: torch.Tensor, direction: torch.Tensor, axis: int) -> tor
     result = torch.empty_like(tensor)
     if tensor.dim() == 1:
         edited = tensor.to(torch.float32, copy=True)
+        if not torch.isfinite(edited).all():
+            raise FloatingPointError("NaN or Inf in the tensor")
         result.copy_(edited - (edited @ direction) * direction)
     elif tensor.dim() == 3:  # fused expert stack: one 2-D matrix per expert
         for expert in range(tensor.shape[0]):
@@ -73,10 +75,13 @@ def _project_matrix(source: torch.Tensor, result: torch.Tensor, r: torch.Tensor,
         part = slice(start, min(start + step, other))
         index = (slice(None), part) if axis == 0 else (part, slice(None))
         chunk = source[index].to(torch.float32, copy=True)
+        coefficients = r @ chunk if axis == 0 else chunk @ r
+        if not torch.isfinite(coefficients).all():  # a NaN/Inf anywhere in the chunk reaches these sums
+            raise FloatingPointError("NaN or Inf in the tensor")
         if axis == 0:
-            chunk.addr_(r, r @ chunk, alpha=-1.0)
+            chunk.addr_(r, coefficients, alpha=-1.0)
         else:
-            chunk.addr_(chunk @ r, r, alpha=-1.0)
+            chunk.addr_(coefficients, r, alpha=-1.0)
         result[index] = chunk
 
 
@@ -163,12 +168,13 @@ def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tens
     """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
     component, layer = plan.edits[name]
     tensor = checkpoint.get(name)
-    edited = project_out(
-        tensor, _direction_for(plan, checkpoint, component, layer, r), hidden_axis(component, tensor.dim())
-    )
-    if not torch.isfinite(edited).all():
-        raise CheckpointError(f"editing {name!r} produced NaN or Inf", hint="check the source tensor and direction")
-    return edited
+    direction = _direction_for(plan, checkpoint, component, layer, r)
+    try:
+        return project_out(tensor, direction, hidden_axis(component, tensor.dim()))
+    except FloatingPointError:
+        raise CheckpointError(
+            f"tensor {name!r} holds NaN or Inf values", hint="the source checkpoint is damaged; download it again"
+        ) from None
 
 
 def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:
