@@ -47,7 +47,7 @@ def test_hub_id_unreachable_is_one_clear_error(hub_cache: Path) -> None:
 
 def test_local_folder_without_config(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match=r"config\.json"):
         resolve(str(tmp_path / "empty"))
 
 
