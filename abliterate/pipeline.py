@@ -133,8 +133,10 @@ def refusal_ids(settings: Settings, tokenizer: PreTrainedTokenizerBase) -> list[
     return refusal_token_ids(tokenizer, settings.lang)
 
 
-def _refusal_scores(loaded: LoadedModel, texts: list[str], ids: list[int], batch_size: int) -> torch.Tensor:
-    logits = collect_logits(loaded.model, make_batches(loaded.tokenizer, texts, batch_size))
+def _refusal_scores(
+    loaded: LoadedModel, texts: list[str], ids: list[int], batch_size: int, what: str
+) -> torch.Tensor:
+    logits = collect_logits(loaded.model, make_batches(loaded.tokenizer, texts, batch_size), f"filtering {what}")
     return refusal_score(logits, ids)
 
 
@@ -152,10 +154,10 @@ def filter_prompts(loaded: LoadedModel, splits: PromptSplits, ids: list[int], ba
     """Keep harmful prompts the model refuses (score > 0) and harmless ones it answers (score < 0)."""
 
     def harmful(texts: list[str], what: str) -> list[str]:
-        return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size) > 0, what)
+        return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size, what) > 0, what)
 
     def harmless(texts: list[str], what: str) -> list[str]:
-        return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size) < 0, what)
+        return _keep(texts, _refusal_scores(loaded, texts, ids, batch_size, what) < 0, what)
 
     return PromptSplits(
         harmful(splits.harmful_train, "harmful train"),
@@ -289,4 +291,6 @@ def run_edit(settings: Settings) -> EditResult:
     with atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder]) as tmp:
         plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes)
         (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+    if settings.eval:
+        log.info("before/after evaluation inside `edit` is not available yet; `abliterate demo` measures refusal")
     return EditResult(Path(settings.out).resolve(), result, len(plan.edits))
