@@ -114,8 +114,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the edited checkpoint.")
 @click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
 @click.option("--eval/--no-eval", "eval_", default=None, help="Evaluate the base and edited model (default on).")
+@click.option("--push-to", metavar="ORG/NAME", default=None, help="Upload the result to this hub repo (private).")
+@click.option("--public", is_flag=True, help="With --push-to: make a new hub repo public instead of private.")
 @settings_options("max_shard_size", *DIRECTION_OPTIONS, *MODEL_OPTIONS)
-def edit(model: str | None, recipe: Path | None, eval_: bool | None, **given: Any) -> None:
+def edit(
+    model: str | None, recipe: Path | None, eval_: bool | None, push_to: str | None, public: bool, **given: Any
+) -> None:
     """Compute the refusal direction of MODEL and write an orthogonalized checkpoint to --out.
 
     MODEL is a hub id, a local folder or a .gguf file; it may also come from --recipe.
@@ -123,6 +127,7 @@ def edit(model: str | None, recipe: Path | None, eval_: bool | None, **given: An
     from abliterate.pipeline import run_edit
 
     settings = _settings(recipe, model=model, eval=eval_, **given)
+    _check_push_options(push_to, public)
     result = run_edit(settings)
     chosen = result.direction.direction
     click.echo(f"direction: layer {chosen.layer}, position {chosen.pos} ({settings.lang}, {settings.method})")
@@ -130,6 +135,8 @@ def edit(model: str | None, recipe: Path | None, eval_: bool | None, **given: An
         c = result.direction.chosen
         click.echo(f"validation: refusal score {c.refusal:.2f}, induce score {c.induce:.2f}, first-token KL {c.kl:.4f}")
     click.echo(f"edited {result.edited_tensors} tensors -> {result.out}")
+    if push_to is not None:
+        _push(result.out, push_to, public=public)
 
 
 @cli.command()
@@ -176,6 +183,7 @@ def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given:
         max_shard_size=settings.max_shard_bytes,
         overwrite=overwrite,
         allow_pickle=settings.allow_pickle,
+        model=source,
     )
     click.echo(f"edited {len(plan.edits)} tensors ({plan.arch.name}) -> {out}")
 
@@ -198,6 +206,59 @@ def prompts_command(lang: str, source: str, samples: int) -> None:
     from abliterate.languages import check_language
 
     click.echo(prompts.describe(prompts.load(source, default_lang=check_language(lang)), lang, samples))
+
+
+def _check_push_options(push_to: str | None, public: bool) -> None:
+    """Before a long edit: a valid repo id and a token (no network)."""
+    if push_to is None:
+        if public:
+            raise click.UsageError("--public only applies with --push-to")
+        return
+    from abliterate.publish import check_ready
+
+    check_ready(push_to)
+
+
+def _push(folder: Path, repo_id: str, *, public: bool, revision: str | None = None, message: str | None = None) -> None:
+    from abliterate.publish import plan_upload, push
+
+    plan = plan_upload(folder, repo_id, public=public, revision=revision)
+    url = push(plan, message=message)
+    click.echo(f"pushed {len(plan.files)} files to {url} ({'private' if plan.private else 'public'})")
+
+
+@cli.command("push")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("repo_id", metavar="ORG/NAME")
+@click.option("--public", is_flag=True, help="Create the repo public (default: private).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be uploaded; contacts nothing.")
+@click.option("--revision", metavar="BRANCH", default=None, help="Upload to this branch (created if missing).")
+@click.option("--message", metavar="MSG", default=None, help="Commit message.")
+def push_command(
+    folder: Path, repo_id: str, public: bool, dry_run: bool, revision: str | None, message: str | None
+) -> None:
+    """Upload an edited checkpoint DIR to the hub repo ORG/NAME, with a model card and provenance.
+
+    The token comes from HF_TOKEN or `hf auth login`; it needs write access.
+    """
+    if not dry_run:
+        _push(folder, repo_id, public=public, revision=revision, message=message)
+        return
+    from abliterate.publish import plan_upload
+
+    plan = plan_upload(folder, repo_id, public=public, revision=revision)
+    click.echo("dry run: nothing is uploaded and the hub is not contacted")
+    for line in plan.describe():
+        click.echo(line)
+
+
+@cli.command("verify")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def verify_command(folder: Path) -> None:
+    """Re-check DIR against abliterate/provenance.json: file hashes and orthogonality of every edited tensor."""
+    from abliterate.verify import verify
+
+    click.echo(verify(folder).summary())
 
 
 def main() -> None:

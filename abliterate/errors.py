@@ -34,3 +34,11 @@ class DataError(AbliterateError):
 
 class OutputError(AbliterateError):
     """The output location can't be written safely."""
+
+
+class PublishError(AbliterateError):
+    """Uploading to the Hugging Face hub failed: no token, no permission, or the hub kept failing."""
+
+
+class VerifyError(AbliterateError):
+    """An edited checkpoint does not match its provenance: changed files or a tensor that is not orthogonal."""

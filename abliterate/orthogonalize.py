@@ -24,7 +24,9 @@ from abliterate.archs import Architecture, Component, lookup
 from abliterate.checkpoint import DTYPES, Checkpoint, tensor_buffer
 from abliterate.direction import DIRECTION_FILE, Direction
 from abliterate.errors import CheckpointError, ModelError
-from abliterate.output import atomic_output
+from abliterate.loading import ModelSource
+from abliterate.output import atomic_output, ensure_free_space
+from abliterate.provenance import record_output
 from abliterate.shards import ShardWriter, TensorSpec, plan_shards, write_index
 
 log = logging.getLogger(__name__)
@@ -153,7 +155,7 @@ def make_plan(checkpoint: Checkpoint, config: dict[str, object], hidden_size: in
     return EditPlan(arch, edits, is_tied(config, checkpoint, arch))
 
 
-def _direction_for(
+def direction_for(
     plan: EditPlan, checkpoint: Checkpoint, component: Component, layer: int, r: torch.Tensor
 ) -> torch.Tensor:
     norm_name = plan.arch.post_norm_tensor(layer, component)
@@ -168,7 +170,7 @@ def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tens
     """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
     component, layer = plan.edits[name]
     tensor = checkpoint.get(name)
-    direction = _direction_for(plan, checkpoint, component, layer, r)
+    direction = direction_for(plan, checkpoint, component, layer, r)
     try:
         return project_out(tensor, direction, hidden_axis(component, tensor.dim()))
     except FloatingPointError:
@@ -247,6 +249,7 @@ def write_checkpoint(
         )
     r = direction.vector.to(torch.float32)
     shards = plan_shards(output_specs(plan, checkpoint), max_shard_size)
+    ensure_free_space(out, sum(shard.nbytes for shard in shards))
     total = sum(len(s.tensors) for s in shards)
     tensors = progress.track(((s, t) for s in shards for t in s.tensors), "orthogonalizing", total, "tensor")
     writer: ShardWriter | None = None
@@ -276,9 +279,15 @@ def apply_direction(
     max_shard_size: int,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    model: ModelSource | None = None,
 ) -> EditPlan:
-    """Stream-edit the checkpoint in `source` into `out` (created atomically)."""
+    """Stream-edit the checkpoint in `source` into `out` (created atomically), with provenance and model card.
+
+    `model` is how the user named the source (for provenance); by default, the folder itself.
+    """
     config = read_config(source)
     checkpoint = Checkpoint.open(source, allow_pickle=allow_pickle)
     with atomic_output(out, overwrite=overwrite, sources=[source]) as tmp:
-        return write_checkpoint(checkpoint, config, direction, tmp, max_shard_size)
+        plan = write_checkpoint(checkpoint, config, direction, tmp, max_shard_size)
+        record_output(tmp, model or ModelSource(str(source), Path(source)), checkpoint, plan, direction)
+        return plan

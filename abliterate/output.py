@@ -5,6 +5,7 @@ A folder at `--out` therefore either does not exist or is finished; the source m
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from abliterate.errors import OutputError
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".abliterate-tmp-"
+OWNER_FILE = ".owner-pid"  # inside a temporary folder: the process writing it
 
 
 def _within(child: Path, parent: Path) -> bool:
@@ -47,17 +49,64 @@ def check_output(out: Path, *, overwrite: bool, sources: Sequence[Path] = ()) ->
     return out
 
 
+def ensure_free_space(folder: Path, needed: int) -> None:
+    """Fail before writing if the filesystem holding `folder` has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(
+            f"not enough disk space in {folder}: the output needs {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB are free",
+            hint="free some space or choose an --out on another disk",
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> None:
+    """Remove temporary folders for `out` left by runs that were killed (their owner process is gone)."""
+    for tmp in out.parent.glob(f"{TMP_PREFIX}{out.name}-*"):
+        try:
+            pid = int((tmp / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            pid = -1
+        if pid <= 0 or not _alive(pid):
+            log.info("removing %s, left by an interrupted run", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextmanager
 def atomic_output(out: Path, *, overwrite: bool, sources: Sequence[Path] = ()) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it replaces `out`, on any error it is removed."""
     out = check_output(out, overwrite=overwrite, sources=sources)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+        (tmp / OWNER_FILE).write_text(str(os.getpid()))
+    except OSError as err:
+        raise OutputError(
+            f"cannot write in {out.parent}: {err.strerror}", hint="choose an --out location you can write to"
+        ) from None
     try:
         yield tmp
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise OutputError(
+                f"the disk holding {out.parent} is full", hint="free some space or choose an --out on another disk"
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    (tmp / OWNER_FILE).unlink()
     _replace(tmp, out)
 
 

@@ -25,6 +25,7 @@ from abliterate.errors import UsageError
 from abliterate.loading import ModelSource, load_model, resolve
 from abliterate.orthogonalize import read_config, write_checkpoint
 from abliterate.output import atomic_output, check_output
+from abliterate.provenance import record_output
 from abliterate.selection import (
     CandidateScore,
     ScreeningSet,
@@ -78,6 +79,7 @@ class DirectionResult:
     candidates: Candidates
     n_pos: int
     filtered: dict[str, int] = field(default_factory=dict)
+    splits: PromptSplits | None = None  # the instructions actually used (after filtering), for provenance
 
     def report(self) -> dict[str, object]:
         """The content of candidates.json."""
@@ -249,7 +251,7 @@ def find_direction(settings: Settings, loaded: LoadedModel) -> DirectionResult:
         best.induce,
         best.kl,
     )
-    return DirectionResult(direction, best, scores, candidates, n_pos, filtered)
+    return DirectionResult(direction, best, scores, candidates, n_pos, filtered, splits)
 
 
 def run_directions(settings: Settings) -> DirectionResult:
@@ -291,6 +293,7 @@ def run_edit(settings: Settings) -> EditResult:
     with atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder]) as tmp:
         plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes)
         (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+        record_output(tmp, source, checkpoint, plan, result.direction, settings=settings, result=result)
     if settings.eval:
         log.info("before/after evaluation inside `edit` is not available yet; `abliterate demo` measures refusal")
     return EditResult(Path(settings.out).resolve(), result, len(plan.edits))
