@@ -73,12 +73,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_tokenizer(folder: Path, vocab_size: int = 128) -> None:
-    """A word-level tokenizer (built offline) with a chat template, saved next to a tiny model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+BYTE_VOCAB = 300  # model vocab_size needed by save_tokenizer(byte_level=True)
+
+
+def save_tokenizer(folder: Path, vocab_size: int = 128, byte_level: bool = False) -> None:
+    """A tokenizer built offline, with a chat template, saved next to a tiny model.
+
+    Word-level by default (English words, the rest unknown); `byte_level` gives one token per UTF-8 byte,
+    so that every script (Thai, Chinese, ...) is tokenized faithfully (needs a model vocab of BYTE_VOCAB).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>"]
+    if byte_level:
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        byte_vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+        tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        _save_fast(tok, specials, folder)
+        return
     words = [
         "I",
         "As",
@@ -105,6 +119,12 @@ def save_tokenizer(folder: Path, vocab_size: int = 128) -> None:
         filler += 1
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    _save_fast(tok, specials, folder)
+
+
+def _save_fast(tok: object, specials: list[str], folder: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
