@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from abliterate.errors import UsageError
 
@@ -54,8 +53,15 @@ class Direction:
         return meta
 
     def save(self, path: Path) -> Path:
+        """Write the direction file (byte-for-byte reproducible: metadata in a fixed order)."""
+        from abliterate.checkpoint import tensor_buffer
+        from abliterate.shards import ShardPlan, ShardWriter, TensorSpec
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"direction": self.vector.contiguous()}, str(path), metadata=self.metadata())
+        vector = self.vector.contiguous()
+        plan = ShardPlan(path.name, [TensorSpec("direction", "F32", tuple(vector.shape), vector.numel() * 4)])
+        with ShardWriter(path.parent, plan, dict(sorted(self.metadata().items()))) as writer:
+            writer.write("direction", tensor_buffer(vector))
         return path
 
     @classmethod

@@ -108,6 +108,32 @@ class TestInterruption:
         assert not leftovers(work)  # SIGINT cleans up after itself; the restart removed what SIGKILL left
 
 
+    def test_interrupted_edit_restarts_to_the_same_result(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        from test_cli import FAST
+        from tiny_models import save_tokenizer
+
+        work = tmp_path_factory.mktemp("killedit")
+        source = work / "src"
+        build("llama", source, tied=True)
+        save_tokenizer(source)
+        args = [sys.executable, "-m", "abliterate", "edit", str(source), *FAST, "--out"]
+        subprocess.run([*args, str(work / "reference")], check=True, capture_output=True)
+        reference = shards(work / "reference")
+        rng = random.Random(1)
+        out = work / "out"
+        for trial in range(6):
+            proc = subprocess.Popen([*args, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(1.0, 5.0))
+            proc.send_signal(signal.SIGINT if trial % 2 else signal.SIGKILL)
+            proc.wait(timeout=120)
+            if out.exists():
+                assert shards(out) == reference
+                shutil.rmtree(out)
+        subprocess.run([*args, str(out)], check=True, capture_output=True)
+        assert shards(out) == reference
+        assert not leftovers(work)
+
+
 class TestDisk:
     def test_not_enough_space_fails_before_writing(self, model_dir: Path, direction_file: Path, tmpfs: Path) -> None:
         big = model_dir.parent / "big"
@@ -214,6 +240,19 @@ class TestNumerics:
         once, twice = Checkpoint.open(tmp_path / "once"), Checkpoint.open(tmp_path / "twice")
         for name in once.tensors:
             assert torch.allclose(once.get(name), twice.get(name), atol=1e-6), name
+
+    def test_same_inputs_same_direction(self, tmp_path: Path) -> None:
+        from tiny_models import save_tokenizer
+
+        from abliterate.pipeline import run_directions
+        from abliterate.settings import Settings
+
+        build("llama", tmp_path / "m")
+        save_tokenizer(tmp_path / "m")
+        fast = dict(n_train=8, n_val=4, screen_prompts=2, finalists=2, refusal_tokens=["I"])
+        for name in ("a", "b"):
+            run_directions(Settings(model=str(tmp_path / "m"), out=tmp_path / f"{name}.safetensors", **fast))
+        assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
 
     def test_same_inputs_same_bytes(self, model_dir: Path, direction_file: Path, tmp_path: Path) -> None:
         for name in ("a", "b"):
