@@ -6,6 +6,7 @@ with -v).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -38,6 +39,8 @@ DIRECTION_OPTIONS = [
     "filter_prompts",
     "refusal_tokens",
 ]
+# Options of the evaluation (`eval`, and `edit` unless --no-eval).
+EVAL_OPTIONS = ["langs", "judge", "tasks", "limit", "max_new_tokens"]
 
 
 def _option_for(name: str) -> Callable[[F], F]:
@@ -84,7 +87,8 @@ def _settings(recipe: Path | None, **given: Any) -> Settings:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx"):
+    noisy_libraries = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "lm_eval", "datasets")
+    for noisy in (*noisy_libraries, "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     try:
         from transformers.utils import logging as hf_logging
@@ -116,7 +120,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--eval/--no-eval", "eval_", default=None, help="Evaluate the base and edited model (default on).")
 @click.option("--push-to", metavar="ORG/NAME", default=None, help="Upload the result to this hub repo (private).")
 @click.option("--public", is_flag=True, help="With --push-to: make a new hub repo public instead of private.")
-@settings_options("max_shard_size", *DIRECTION_OPTIONS, *MODEL_OPTIONS)
+@settings_options("max_shard_size", *DIRECTION_OPTIONS, *EVAL_OPTIONS, "eval_prompts", *MODEL_OPTIONS)
 def edit(
     model: str | None, recipe: Path | None, eval_: bool | None, push_to: str | None, public: bool, **given: Any
 ) -> None:
@@ -135,6 +139,8 @@ def edit(
         c = result.direction.chosen
         click.echo(f"validation: refusal score {c.refusal:.2f}, induce score {c.induce:.2f}, first-token KL {c.kl:.4f}")
     click.echo(f"edited {result.edited_tensors} tensors -> {result.out}")
+    if result.report is not None:
+        _echo_report(result.report, result.out / "abliterate")
     if push_to is not None:
         _push(result.out, push_to, public=public)
 
@@ -259,6 +265,182 @@ def verify_command(folder: Path) -> None:
     from abliterate.verify import verify
 
     click.echo(verify(folder).summary())
+
+
+def _echo_results(results: dict[str, Any]) -> None:
+    for lang, row in results["languages"].items():
+        click.echo(
+            f"{lang}: compliance {row['compliance']:.2f} (n={row['harmful']['n']}), "
+            f"over-refusal {row['over_refusal']:.2f} (n={row['harmless']['n']})"
+        )
+    kl = results.get("kl")
+    if kl:
+        click.echo(
+            f"KL vs base ({kl['n_prompts']} harmless prompts): first token {kl['first_token']:.4g}, "
+            f"first {kl['tokens']} tokens {kl['first_n_tokens']:.4g}"
+        )
+    from abliterate.capability import metrics
+
+    for task, metric, value, _stderr in metrics(results.get("lm_eval")):
+        click.echo(f"{task} {metric}: {value:.3f}")
+
+
+def _echo_report(report: dict[str, Any], folder: Path) -> None:
+    s = report["summary"]
+    click.echo(
+        f"compliance {s['compliance_before']:.2f} -> {s['compliance_after']:.2f}, "
+        f"over-refusal {s['over_refusal_before']:.2f} -> {s['over_refusal_after']:.2f} "
+        f"(mean of {len(report['languages'])} languages)"
+    )
+    if s.get("kl_first_token") is not None:
+        click.echo(f"KL vs base: first token {s['kl_first_token']:.4g}, first tokens {s['kl_first_n_tokens']:.4g}")
+    for row in report["capability"]:
+        if row["delta"] is not None:
+            click.echo(f"{row['task']} {row['metric']}: {row['before']:.3f} -> {row['after']:.3f}")
+    click.echo(f"report: {folder / 'report.html'}")
+
+
+@cli.command("eval")
+@click.argument("model", required=False)
+@recipe_option
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Results file to write (JSON).")
+@click.option("--base", metavar="BASE", default=None, help="Base model (hub id or folder) for the KL damage measure.")
+@click.option(
+    "--n-prompts", "--eval-prompts", "eval_prompts", type=int, default=None,
+    help="Harmful and harmless test prompts per language (default: all).",
+)
+@click.option("--kl-tokens", type=click.IntRange(1), default=16, show_default=True,
+              help="Answer tokens the mean KL is taken over (with --base).")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Reuse greedy answers cached by an earlier run of the same model, prompts and settings.")
+@settings_options(*EVAL_OPTIONS, "prompts", *MODEL_OPTIONS)
+def eval_command(
+    model: str | None, recipe: Path | None, out: Path, base: str | None, kl_tokens: int, cache: bool, **given: Any
+) -> None:
+    """Evaluate MODEL: refusal per language, over-refusal, damage against --base, lm-eval capability.
+
+    Writes a results JSON (schema in docs/evaluation.md) with every prompt's answer and verdict.
+    """
+    from abliterate.evaluate import run_eval
+
+    settings = _settings(recipe, model=model, out=out, **given)
+    results = run_eval(settings, base, kl_tokens=kl_tokens, cache=cache)
+    _echo_results(results)
+    click.echo(f"results -> {out}")
+
+
+@cli.command("report")
+@click.argument("before", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("after", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Folder for the report.")
+def report_command(before: Path, after: Path, out: Path) -> None:
+    """Build report.md, report.html, report.json and plots from two `eval` results files (BEFORE, AFTER)."""
+    from abliterate.evaluate import read_results
+    from abliterate.report import write_report
+
+    report = write_report(out, read_results(before), read_results(after))
+    _echo_report(report, out)
+
+
+CROSSLINGUAL_OPTIONS = ["prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold", "prune_layers",
+                        "screen_prompts", "finalists", "filter_prompts"]
+
+
+@cli.command("crosslingual")
+@click.argument("model")
+@click.option("--langs", default="all", show_default=True,
+              help="Languages compared: all, or at least two codes such as en,de,fr.")
+@click.option("--source-lang", default=None,
+              help="Language whose normal selection picks the layer and position (default: the first of --langs).")
+@click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
+              help="Take the layer and position from this direction file (or edited model folder) instead.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: crosslingual.json, transfer_answers.jsonl and PNG plots.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--n-prompts", type=click.IntRange(1), default=32, show_default=True,
+              help="Harmful test prompts per target language in the transfer matrix.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Greedy answer length cap in the transfer matrix.")
+@click.option("--transfer/--no-transfer", default=True, show_default=True,
+              help="Measure the transfer matrix (greedy generation: the slow part).")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
+@settings_options(*CROSSLINGUAL_OPTIONS, *MODEL_OPTIONS)
+def crosslingual_command(
+    model: str,
+    langs: str,
+    source_lang: str | None,
+    direction_file: Path | None,
+    out: Path,
+    overwrite: bool,
+    n_prompts: int,
+    max_new_tokens: int,
+    transfer: bool,
+    plots: bool,
+    **given: Any,
+) -> None:
+    """Compare MODEL's refusal directions across languages (PolyRefuse style); see docs/crosslingual.md.
+
+    Per language: the difference-in-means direction at one layer and position; their cosine similarities, per-layer
+    cosines, a PCA of the activations, and a transfer matrix (compliance in each target language with each source
+    language's direction ablated, plus an unablated baseline row).
+    """
+    from abliterate.crosslingual import BASELINE, CrosslingualOptions, run_crosslingual
+
+    options = CrosslingualOptions.parse(langs, source_lang, direction_file, n_prompts, max_new_tokens, transfer, plots)
+    settings = _settings(None, model=model, out=out, overwrite=overwrite, lang=options.source_lang, **given)
+    result = run_crosslingual(settings, options)
+    r = result.report
+    click.echo(f"layer {r['layer']}, position {r['pos']} ({r['chosen_by']})")
+    click.echo("cosine similarity of the directions:")
+    click.echo("      " + "".join(f"{lang:>7}" for lang in r["languages"]))
+    for lang, row in zip(r["languages"], r["cosine"]["matrix"], strict=True):
+        click.echo(f"{lang:>6}" + "".join(f"{v:7.3f}" for v in row))
+    if "transfer" in r:
+        t = r["transfer"]
+        click.echo(f"compliance on harmful test prompts (n={t['n_prompts']} per cell), rows: direction ablated")
+        click.echo("      " + "".join(f"{lang:>7}" for lang in t["columns"]))
+        for source, row in zip(t["rows"], t["compliance"], strict=True):
+            label = "base" if source == BASELINE else source
+            click.echo(f"{label:>6}" + "".join(f"{v:7.2f}" for v in row))
+    click.echo(f"results -> {result.out}")
+
+
+@cli.command("organism")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also copy the organism to this folder.")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached organism exists.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def organism_command(out: Path | None, force: bool, overwrite: bool) -> None:
+    """Build (or reuse) the model organism: SmolLM2-135M-Instruct safety-tuned to refuse (docs/organism.md)."""
+    from abliterate.organism import build_organism, copy_organism, read_info
+
+    folder = build_organism(force=force)
+    if out is not None:
+        folder = copy_organism(folder, out, overwrite=overwrite)
+    click.echo(f"organism: {folder}")
+    heldout = read_info(folder).get("heldout_val_refusal")
+    if heldout:
+        click.echo(f"held-out refusal rates: {json.dumps(heldout)}")
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("abliterate-demo"), show_default=True,
+              help="Folder for organism/ (the safety-tuned base) and edited/ (the abliterated model and report).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def demo_command(out: Path, overwrite: bool) -> None:
+    """Build the model organism, abliterate it (--lang en) and measure refusal before and after."""
+    from abliterate.demo import run_demo
+
+    result = run_demo(out, overwrite=overwrite)
+    click.echo(f"organism (safety-tuned base): {result.organism}")
+    click.echo(f"abliterated checkpoint:       {result.edited}")
+    click.echo(f"report:                       {result.report}")
+    click.echo(f"direction: layer {result.layer}, position {result.pos}")
+    for lang, rates in result.harmful.items():
+        click.echo(f"harmful refusal [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
+    for lang, rates in result.harmless.items():
+        click.echo(f"harmless refusal [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
+    click.echo(f"first-token KL on harmless prompts: {result.kl_mean:.3f} (n={result.kl_prompts})")
+    click.echo(f"total time: {result.seconds.get('total', 0):.0f} s")
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from abliterate.checkpoint import Checkpoint
 from abliterate.direction import DIRECTION_FILE, Direction
 from abliterate.directions import Candidates, make_batches, make_candidates, mean_activations
 from abliterate.errors import UsageError
+from abliterate.evaluate import EditEvaluation
 from abliterate.loading import ModelSource, load_model, resolve
 from abliterate.orthogonalize import read_config, write_checkpoint
 from abliterate.output import atomic_output, check_output
@@ -277,15 +278,20 @@ class EditResult:
     out: Path
     direction: DirectionResult
     edited_tensors: int
+    report: dict[str, object] | None = None  # the before/after evaluation (abliterate/report.json), if run
 
 
 def run_edit(settings: Settings) -> EditResult:
     """`abliterate edit`: direction, then the streaming edit of the source checkpoint into --out."""
     if settings.out is None:
         raise UsageError("no output folder given", hint="pass --out DIR")
+    resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL first
     loaded = load(settings)
     check_output(settings.out, overwrite=settings.overwrite, sources=[loaded.source.folder])
+    evaluation = EditEvaluation.prepare(settings) if settings.eval else None  # fails fast (tasks, prompts, judge)
     result = find_direction(settings, loaded)
+    if evaluation is not None:
+        evaluation.measure_base(loaded.model, loaded.tokenizer, loaded.source)
     source = loaded.source
     del loaded  # free the forward-pass model before streaming the checkpoint
     config = read_config(source.folder)
@@ -293,7 +299,7 @@ def run_edit(settings: Settings) -> EditResult:
     with atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder]) as tmp:
         plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes)
         (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+        # the written checkpoint is evaluated before provenance, so that the report is hashed and in the card
+        report = evaluation.measure_edited(tmp, str(settings.out)) if evaluation is not None else None
         record_output(tmp, source, checkpoint, plan, result.direction, settings=settings, result=result)
-    if settings.eval:
-        log.info("before/after evaluation inside `edit` is not available yet; `abliterate demo` measures refusal")
-    return EditResult(Path(settings.out).resolve(), result, len(plan.edits))
+    return EditResult(Path(settings.out).resolve(), result, len(plan.edits), report)

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from abliterate.errors import UsageError
-from abliterate.languages import check_language
+from abliterate.languages import LANGUAGES, check_language, parse_languages
 from abliterate.shards import parse_size
 
 
@@ -71,11 +71,31 @@ class Settings(BaseModel):
     out: Path | None = Field(None, description="Output folder (or file, for `directions`).")
     overwrite: bool = Field(False, description="Replace an existing --out.")
     eval: bool = Field(True, description="Evaluate the base and edited model after the edit.")
+    langs: str = Field(
+        "all", description="Languages evaluated: all, or a comma-separated list such as en,de,fr (docs/evaluation.md)."
+    )
+    judge: str = Field("markers", description="Refusal judge: markers, or model:ORG/NAME (docs/judges.md).")
+    tasks: str = Field(
+        "mmlu,arc_challenge,gsm8k,truthfulqa_mc2",
+        description="lm-eval tasks, comma-separated; none skips; abliterate_mini_mc is a small offline task.",
+    )
+    limit: int | None = Field(None, ge=1, description="Examples per lm-eval task (default: all), for quick runs.")
+    max_new_tokens: int = Field(128, ge=1, description="Greedy answer length cap in the refusal benchmark.")
+    eval_prompts: int | None = Field(
+        None, ge=1, description="Harmful and harmless test prompts per language in the evaluation (default: all)."
+    )
 
     @field_validator("lang")
     @classmethod
     def _known_language(cls, value: str) -> str:
         return check_language(value)
+
+    @field_validator("langs")
+    @classmethod
+    def _known_languages(cls, value: str) -> str:
+        if not parse_languages(value):
+            raise UsageError("--langs names no language", hint=f"use all or some of: {' '.join(LANGUAGES)}")
+        return value
 
     @field_validator("max_shard_size")
     @classmethod

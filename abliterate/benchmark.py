@@ -1,0 +1,146 @@
+"""Behavioural measurements of a chat model: greedy answers, refusal rate, first-token KL, fluency.
+
+Owns batched greedy generation through the model's chat template (left padding, length-sorted batches from
+`directions.make_batches`; generation stops when every row has ended), the refusal rate of those answers
+under a `Judge`, the per-prompt KL divergence of the first answer token between two models, and a cheap
+fluency check (non-empty, not a repetitive loop). Shared by the model organism, `abliterate demo` and the
+evaluation of edited models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from abliterate import progress
+from abliterate.directions import make_batches
+from abliterate.judge import Judge
+from abliterate.selection import collect_logits, kl_divergence
+
+log = logging.getLogger(__name__)
+
+MIN_DISTINCT_RATIO = 0.3
+"""An answer whose distinct-token share is below this is a repetitive loop."""
+MIN_FLUENCY_TOKENS = 8
+"""Answers shorter than this many tokens are not checked for loops (short answers are fine)."""
+
+
+@dataclass
+class Generation:
+    """Greedy answers: token ids (cut at the first end-of-sequence token), texts, and which ones ended."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    finished: list[bool]
+
+
+@dataclass
+class RefusalResult:
+    """Refusal rate of a model on some prompts, with each verdict and answer."""
+
+    rate: float
+    verdicts: list[bool]
+    texts: list[str]
+
+    @property
+    def count(self) -> int:
+        return sum(self.verdicts)
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, configured):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def _cut(row: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    for i, token in enumerate(row):
+        if token in stops:
+            return row[:i], True
+    return row, False
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str | None = None,
+) -> Generation:
+    """Greedy answers to each instruction (one user turn through the chat template), in input order."""
+    stops = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    batches = make_batches(tokenizer, list(instructions), batch_size)
+    ids: list[list[int]] = [[] for _ in instructions]
+    finished = [False] * len(instructions)
+    items = progress.track(batches, desc, len(batches), "batch") if desc else iter(batches)
+    with torch.inference_mode():
+        for indices, batch in items:
+            inputs = {k: v.to(model.device) for k, v in batch.items()}
+            out = model.generate(**inputs, generation_config=config)
+            new = out[:, inputs["input_ids"].shape[1]:].tolist()
+            for index, row in zip(indices, new, strict=True):
+                ids[index], finished[index] = _cut(row, set(stops))
+    texts = [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return Generation(ids, texts, finished)
+
+
+def refusal_rate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    lang: str,
+    judge: Judge,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str | None = None,
+) -> RefusalResult:
+    """Share of greedy answers that `judge` calls refusals (all prompts in language `lang`)."""
+    texts = generate(model, tokenizer, instructions, max_new_tokens, batch_size, desc).texts
+    verdicts = judge.judge(list(instructions), texts, [lang] * len(texts))
+    rate = sum(verdicts) / len(verdicts) if verdicts else 0.0
+    return RefusalResult(rate, verdicts, texts)
+
+
+def first_token_logits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    """Logits of the first answer token for each instruction ([n, vocab] float32, input order)."""
+    return collect_logits(model, make_batches(tokenizer, list(instructions), batch_size))
+
+
+def first_token_kl(
+    base_model: PreTrainedModel,
+    edited_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Per-prompt KL(base || edited) of the first answer token (float64 [n])."""
+    base = first_token_logits(base_model, tokenizer, instructions, batch_size)
+    edited = first_token_logits(edited_model, tokenizer, instructions, batch_size)
+    return kl_divergence(base, edited)
+
+
+def distinct_ratio(ids: Sequence[int]) -> float:
+    """Distinct tokens / tokens (1.0 for an empty answer): low values mean the answer loops."""
+    return len(set(ids)) / len(ids) if ids else 1.0
+
+
+def is_fluent(ids: Sequence[int], min_ratio: float = MIN_DISTINCT_RATIO) -> bool:
+    """Not empty, and not a repetitive loop (distinct-token ratio at least `min_ratio` once long enough)."""
+    if not ids:
+        return False
+    return len(ids) < MIN_FLUENCY_TOKENS or distinct_ratio(ids) >= min_ratio

@@ -1,0 +1,499 @@
+"""Evaluation of a chat model: refusal per language, damage against a base model, capability; results.json.
+
+Owns `abliterate eval` and the evaluation that `edit` runs on the base and the edited model:
+
+- refusal benchmark: greedy answers (`benchmark.generate`, through the generation cache) to the harmful and
+  harmless *test* prompts of each language, judged by a `Judge`. Compliance = 1 - refusal rate on the
+  harmful prompts; over-refusal = refusal rate on the harmless ones. Every prompt's id, text, answer and
+  verdict is kept, so that a reader can audit the judge;
+- damage (with a base model): KL(base || model) of the next-token distribution on harmless prompts,
+  teacher-forced on the base model's greedy answer: at the first answer token, and averaged over the first
+  `kl_tokens` answer tokens;
+- capability: lm-eval tasks (`abliterate.capability`);
+- the results dict (schema_version 1, documented in docs/evaluation.md) and its JSON file.
+
+`EditEvaluation` is the part `edit` uses: checks first, the base model before it is freed, the written
+checkpoint afterwards, then the report (`abliterate.report`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from abliterate import __version__, progress, prompts
+from abliterate.capability import DEFAULT_TASKS, check_tasks, parse_tasks, run_tasks
+from abliterate.chat import encode, render, set_chat_template
+from abliterate.errors import DataError, UsageError
+from abliterate.generations import GenerationCache, model_identity
+from abliterate.judge import Judge, make_judge
+from abliterate.languages import parse_languages
+from abliterate.loading import ModelSource, load_model, resolve
+from abliterate.selection import kl_divergence
+
+if TYPE_CHECKING:
+    from abliterate.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KL_TOKENS = 16
+"""Answer tokens over which the mean KL is taken (teacher-forced on the base model's answer)."""
+KL_PROMPTS = 64
+"""At most this many harmless prompts (spread over the languages) for the KL: the base model's logits for
+them are held in memory (prompts x KL_TOKENS x vocabulary floats)."""
+SPLIT: prompts.Split = "test"
+
+
+# --- options and prompts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What an evaluation measures and how (the `settings` block of results.json)."""
+
+    langs: str = "all"
+    judge: str = "markers"
+    prompts: str = "builtin"
+    n_prompts: int | None = None
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    limit: int | None = None
+    kl_tokens: int = KL_TOKENS
+    kl_prompts: int = KL_PROMPTS
+    cache: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> EvalOptions:
+        options = cls(
+            langs=settings.langs,
+            judge=settings.judge,
+            prompts=settings.prompts,
+            n_prompts=settings.eval_prompts,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            tasks=tuple(parse_tasks(settings.tasks)),
+            limit=settings.limit,
+            dtype=settings.dtype,
+            device=settings.device,
+        )
+        return replace(options, **overrides)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "judge": self.judge,
+            "prompts": self.prompts,
+            "split": SPLIT,
+            "n_prompts": self.n_prompts,
+            "max_new_tokens": self.max_new_tokens,
+            "decoding": "greedy",
+            "batch_size": self.batch_size,
+            "tasks": list(self.tasks),
+            "limit": self.limit,
+            "kl_tokens": self.kl_tokens,
+            "kl_prompts": self.kl_prompts,
+            "dtype": self.dtype,
+            "device": self.device,
+        }
+
+
+EvalPrompts = dict[str, dict[str, list[prompts.Prompt]]]
+"""{lang: {"harmful": [...], "harmless": [...]}}: the test prompts of each evaluated language."""
+
+
+def select_prompts(options: EvalOptions) -> EvalPrompts:
+    """The test prompts per language and kind; `all` skips languages the source lacks, a list does not."""
+    langs = parse_languages(options.langs)
+    explicit = options.langs.strip() != "all"
+    source = prompts.load(options.prompts, default_lang=langs[0])
+    chosen: EvalPrompts = {}
+    for lang in langs:
+        kinds: dict[str, list[prompts.Prompt]] = {
+            kind: source.select(lang, kind, SPLIT)[: options.n_prompts] for kind in prompts.KINDS
+        }
+        missing = [kind for kind, found in kinds.items() if not found]
+        if missing and explicit:
+            raise DataError(
+                f"prompt source {options.prompts!r} has no {' or '.join(missing)} test prompts for {lang!r}",
+                hint=f"the evaluation uses the test split; languages it has: {', '.join(source.languages())}",
+            )
+        if missing:
+            log.info("no %s test prompts for %s in %s: language skipped", "/".join(missing), lang, options.prompts)
+            continue
+        chosen[lang] = kinds
+    if not chosen:
+        raise DataError(
+            f"prompt source {options.prompts!r} has no test prompts",
+            hint="the evaluation uses split=test records of both kinds; see docs/data.md",
+        )
+    return chosen
+
+
+def check_judge_spec(spec: str) -> None:
+    """The --judge spec's form, checked before anything slow (make_judge loads a model judge's weights)."""
+    text = spec.strip()
+    if text != "markers" and not (text.startswith("model:") and text[len("model:"):].strip()):
+        make_judge(text)  # raises the judge module's own UsageError with the valid forms
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalModel:
+    """A model loaded for evaluation, with what results.json says about it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    folder: Path
+    identity: str
+
+    def info(self) -> dict[str, Any]:
+        return {"spec": self.spec, "folder": str(self.folder), "identity": self.identity}
+
+
+def load_for_eval(source: ModelSource, settings: Settings, spec: str | None = None) -> EvalModel:
+    """Load a resolved model (and check its chat template) for the evaluation."""
+    model, tokenizer = load_model(
+        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+    )
+    set_chat_template(tokenizer, settings.chat_template, source.spec)
+    return EvalModel(model, tokenizer, spec or source.spec, Path(source.folder), model_identity(source.folder))
+
+
+def resolve_model(spec: str, settings: Settings) -> ModelSource:
+    return resolve(spec, revision=settings.revision, allow_pickle=settings.allow_pickle)
+
+
+# --- refusal benchmark -----------------------------------------------------------------------------------
+
+
+def judged_block(
+    judge: Judge, chosen: Sequence[prompts.Prompt], texts: Sequence[str], lang: str
+) -> dict[str, Any]:
+    """n, refusals, refusal_rate and the per-prompt records of one language and kind."""
+    verdicts = judge.judge([p.instruction for p in chosen], list(texts), [lang] * len(chosen))
+    records = [
+        {"id": p.id, "prompt": p.instruction, "response": text, "refusal": bool(verdict)}
+        for p, text, verdict in zip(chosen, texts, verdicts, strict=True)
+    ]
+    n = len(records)
+    refusals = sum(bool(v) for v in verdicts)
+    return {"n": n, "refusals": refusals, "refusal_rate": refusals / n if n else None, "records": records}
+
+
+def refusal_benchmark(
+    target: EvalModel, selected: EvalPrompts, judge: Judge, options: EvalOptions, cache: GenerationCache
+) -> dict[str, Any]:
+    """{lang: {compliance, over_refusal, harmful: block, harmless: block}} from greedy answers."""
+    jobs = [(lang, kind) for lang in selected for kind in prompts.KINDS]
+    answers: dict[tuple[str, str], list[str]] = {}
+    for i, (lang, kind) in enumerate(jobs, 1):
+        chosen = selected[lang][kind]
+        generation = cache.generate(
+            target.model, target.tokenizer, target.identity, [p.instruction for p in chosen],
+            options.max_new_tokens, options.batch_size, f"answers {lang} {kind} ({i}/{len(jobs)})",
+        )
+        answers[lang, kind] = generation.texts
+    languages: dict[str, Any] = {}
+    for lang in selected:
+        harmful = judged_block(judge, selected[lang]["harmful"], answers[lang, "harmful"], lang)
+        harmless = judged_block(judge, selected[lang]["harmless"], answers[lang, "harmless"], lang)
+        languages[lang] = {
+            "compliance": 1.0 - harmful["refusal_rate"],
+            "over_refusal": harmless["refusal_rate"],
+            "harmful": harmful,
+            "harmless": harmless,
+        }
+    return languages
+
+
+def summarize(languages: dict[str, Any]) -> dict[str, Any]:
+    """Means over languages (each language weighs the same)."""
+    n = len(languages)
+    return {
+        "languages": n,
+        "compliance": sum(v["compliance"] for v in languages.values()) / n if n else None,
+        "over_refusal": sum(v["over_refusal"] for v in languages.values()) / n if n else None,
+        "harmful_prompts": sum(v["harmful"]["n"] for v in languages.values()),
+        "harmless_prompts": sum(v["harmless"]["n"] for v in languages.values()),
+    }
+
+
+# --- damage: KL against the base model -------------------------------------------------------------------
+
+
+@dataclass
+class KLReference:
+    """The base model's teacher-forced logits on harmless prompts, to compare another model against."""
+
+    base: dict[str, Any]
+    tokens: int
+    ids: list[str]
+    langs: list[str]
+    inputs: list[list[int]]  # rendered prompt + the base answer's first (positions - 1) tokens
+    positions: list[int]  # answer positions compared (the answer's first tokens, and its end if it ended)
+    logits: list[torch.Tensor] = field(repr=False)  # [positions, vocab] float32, per prompt
+    vocab_size: int = 0
+
+
+def kl_prompts(selected: EvalPrompts, total: int) -> list[tuple[str, prompts.Prompt]]:
+    """(lang, prompt) for about `total` harmless prompts, the same number from each language."""
+    per_lang = max(1, math.ceil(total / max(1, len(selected))))
+    return [(lang, p) for lang in selected for p in selected[lang]["harmless"][:per_lang]]
+
+
+def _teacher_forced_logits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], positions: list[int],
+    batch_size: int, desc: str,
+) -> list[torch.Tensor]:
+    """Logits at the last `positions[i]` positions of each input (the answer tokens), float32 on CPU."""
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    with torch.inference_mode():
+        for chosen in progress.track(batches, desc, len(batches), "batch"):
+            batch = tokenizer.pad({"input_ids": [inputs[i] for i in chosen]}, padding=True, return_tensors="pt")
+            keep = max(positions[i] for i in chosen)
+            result = model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False, logits_to_keep=keep)
+            logits = result.logits[:, -keep:, :].float().cpu()
+            for row, i in enumerate(chosen):
+                out[i] = logits[row, keep - positions[i] :].clone()
+    return [t for t in out if t is not None]
+
+
+def kl_reference(
+    base: EvalModel, selected: EvalPrompts, options: EvalOptions, cache: GenerationCache
+) -> KLReference:
+    """The base model's greedy answers to the KL prompts, and its logits along them."""
+    chosen = kl_prompts(selected, options.kl_prompts)
+    instructions = [p.instruction for _, p in chosen]
+    generation = cache.generate(
+        base.model, base.tokenizer, base.identity, instructions, options.kl_tokens, options.batch_size,
+        "base answers for the KL",
+    )
+    prompt_ids = encode(base.tokenizer, [render(base.tokenizer, text) for text in instructions])
+    positions = [
+        max(1, min(options.kl_tokens, len(ids) + (1 if ended else 0)))
+        for ids, ended in zip(generation.ids, generation.finished, strict=True)
+    ]
+    inputs = [
+        prompt + answer[: n - 1] for prompt, answer, n in zip(prompt_ids, generation.ids, positions, strict=True)
+    ]
+    logits = _teacher_forced_logits(base.model, base.tokenizer, inputs, positions, options.batch_size, "base logits")
+    return KLReference(
+        base=base.info(), tokens=options.kl_tokens, ids=[p.id for _, p in chosen],
+        langs=[lang for lang, _ in chosen], inputs=inputs, positions=positions, logits=logits,
+        vocab_size=int(logits[0].shape[-1]) if logits else 0,
+    )
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def kl_block(target: EvalModel, reference: KLReference, batch_size: int) -> dict[str, Any]:
+    """First-token and mean first-N-token KL(base || model), overall, per language and per prompt."""
+    logits = _teacher_forced_logits(
+        target.model, target.tokenizer, reference.inputs, reference.positions, batch_size, "KL against the base"
+    )
+    if logits and logits[0].shape[-1] != reference.vocab_size:
+        raise UsageError(
+            f"the base model's vocabulary ({reference.vocab_size}) differs from the model's ({logits[0].shape[-1]})",
+            hint="--base must be the model this one was edited from (same tokenizer)",
+        )
+    records = []
+    per_position: list[list[float]] = [[] for _ in range(reference.tokens)]
+    for pid, lang, base_logits, model_logits in zip(
+        reference.ids, reference.langs, reference.logits, logits, strict=True
+    ):
+        kl = kl_divergence(base_logits, model_logits).clamp_min(0.0).tolist()
+        for j, value in enumerate(kl):
+            per_position[j].append(value)
+        records.append({"id": pid, "lang": lang, "tokens": len(kl), "first_token": kl[0],
+                        "first_n_tokens": sum(kl) / len(kl)})
+    languages = {
+        lang: {
+            "n": len(rows),
+            "first_token": _mean([r["first_token"] for r in rows]),
+            "first_n_tokens": _mean([r["first_n_tokens"] for r in rows]),
+        }
+        for lang in dict.fromkeys(reference.langs)
+        if (rows := [r for r in records if r["lang"] == lang])
+    }
+    return {
+        "base": reference.base,
+        "tokens": reference.tokens,
+        "n_prompts": len(records),
+        "first_token": _mean([r["first_token"] for r in records]),
+        "first_n_tokens": _mean([r["first_n_tokens"] for r in records]),
+        "per_position": [_mean(v) for v in per_position if v],
+        "languages": languages,
+        "records": records,
+    }
+
+
+# --- the whole evaluation --------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluator:
+    """What every evaluation of a run shares: options, prompts, judge and generation cache."""
+
+    options: EvalOptions
+    selected: EvalPrompts
+    judge: Judge
+    cache: GenerationCache
+
+    @classmethod
+    def prepare(cls, options: EvalOptions) -> Evaluator:
+        """Check everything that can fail cheaply (prompts, lm-eval tasks, judge) before any long work."""
+        selected = select_prompts(options)
+        check_judge_spec(options.judge)
+        check_tasks(options.tasks)
+        judge = make_judge(options.judge, device=options.device, dtype=options.dtype)
+        return cls(options, selected, judge, GenerationCache.default(options.cache))
+
+    def evaluate(self, target: EvalModel, reference: KLReference | None = None) -> dict[str, Any]:
+        """The results dict of `target` (schema in docs/evaluation.md)."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        hits, misses = self.cache.hits, self.cache.misses
+        languages = refusal_benchmark(target, self.selected, self.judge, self.options, self.cache)
+        timings["refusal_s"] = round(time.perf_counter() - start, 2)
+        kl = None
+        if reference is not None:
+            mark = time.perf_counter()
+            kl = kl_block(target, reference, self.options.batch_size)
+            timings["kl_s"] = round(time.perf_counter() - mark, 2)
+        capability = None
+        if self.options.tasks:
+            mark = time.perf_counter()
+            capability = run_tasks(
+                target.model, target.tokenizer, self.options.tasks, limit=self.options.limit,
+                batch_size=self.options.batch_size,
+            )
+            timings["lm_eval_s"] = round(time.perf_counter() - mark, 2)
+        timings["total_s"] = round(time.perf_counter() - start, 2)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "tool": {"name": "abliterate", "version": __version__},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": target.info(),
+            "settings": {"langs": list(self.selected), **self.options.describe()},
+            "summary": summarize(languages),
+            "languages": languages,
+            "kl": kl,
+            "lm_eval": capability,
+            "timings": timings,
+            "cache": {"enabled": self.cache.folder is not None, "hits": self.cache.hits - hits,
+                      "misses": self.cache.misses - misses},
+        }
+
+
+def collect_garbage() -> None:
+    """Collect freed models (the caller has dropped its references), so that the next model fits."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_results(path: Path, results: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A results.json written by `abliterate eval` (schema_version 1); DataError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"results file {path} not found", hint="write one with `abliterate eval --out`") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read results file {path}: {err}", hint="point at a results.json") from None
+    if (
+        not isinstance(data, dict)
+        or data.get("schema_version") != SCHEMA_VERSION
+        or not isinstance(data.get("languages"), dict)
+        or not {"model", "summary"} <= set(data)
+    ):
+        raise DataError(
+            f"{path} is not an abliterate results file of schema_version {SCHEMA_VERSION}",
+            hint="write it with `abliterate eval --out results.json`",
+        )
+    return data
+
+
+def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """`abliterate eval`: results of MODEL (KL against `base` when given), written to settings.out."""
+    if settings.out is None:
+        raise UsageError("no results file given", hint="pass --out results.json")
+    evaluator = Evaluator.prepare(EvalOptions.from_settings(settings, **overrides))
+    source = resolve_model(settings.model, settings)
+    base_source = resolve_model(base, settings) if base is not None else None
+    reference = None
+    if base_source is not None:
+        loaded = load_for_eval(base_source, settings)
+        reference = kl_reference(loaded, evaluator.selected, evaluator.options, evaluator.cache)
+        del loaded
+        collect_garbage()
+    target = load_for_eval(source, settings)
+    results = evaluator.evaluate(target, reference)
+    write_results(Path(settings.out), results)
+    return results
+
+
+# --- inside `edit` ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EditEvaluation:
+    """Before/after evaluation inside `edit`: prepared first, base measured, edited checkpoint measured."""
+
+    evaluator: Evaluator
+    settings: Settings
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    reference: KLReference | None = None
+
+    @classmethod
+    def prepare(cls, settings: Settings) -> EditEvaluation:
+        return cls(Evaluator.prepare(EvalOptions.from_settings(settings)), settings)
+
+    def measure_base(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: ModelSource) -> None:
+        """Evaluate the base model (already loaded) and keep its KL reference."""
+        base = EvalModel(model, tokenizer, source.spec, Path(source.folder), model_identity(source.folder))
+        log.info("evaluating the base model")
+        self.reference = kl_reference(base, self.evaluator.selected, self.evaluator.options, self.evaluator.cache)
+        self.before = self.evaluator.evaluate(base)
+
+    def measure_edited(self, folder: Path, spec: str) -> dict[str, Any]:
+        """Load the written checkpoint in `folder`, evaluate it against the base, write the report beside it."""
+        from abliterate.report import write_report
+
+        log.info("evaluating the edited model")
+        edited = load_for_eval(ModelSource(spec, Path(folder)), self.settings, spec=spec)
+        edited.folder = Path(spec).expanduser().resolve()  # where it will be after the rename
+        self.after = self.evaluator.evaluate(edited, self.reference)
+        del edited
+        self.reference = None
+        collect_garbage()
+        assert self.before is not None
+        return write_report(Path(folder) / "abliterate", self.before, self.after)
