@@ -35,6 +35,24 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def interrupt_runs(
+    cmd: list[str], out: Path, reference: dict[str, bytes], trials: int, delay: tuple[float, float], seed: int
+) -> None:
+    """Start `cmd` `trials` times, each stopped by SIGKILL or SIGINT (alternately) after a random delay.
+
+    Whenever a run got to finish before its signal, its output must be complete and equal to `reference`.
+    """
+    rng = random.Random(seed)
+    for trial in range(trials):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(*delay))
+        proc.send_signal(signal.SIGINT if trial % 2 else signal.SIGKILL)
+        proc.wait(timeout=120)
+        if out.exists():
+            assert shards(out) == reference
+            shutil.rmtree(out)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("rel") / "src"
@@ -93,16 +111,8 @@ class TestInterruption:
         ]
         subprocess.run([*args, str(work / "reference")], check=True, capture_output=True)
         reference = shards(work / "reference")
-        rng = random.Random(0)
         out = work / "out"
-        for trial in range(20):
-            proc = subprocess.Popen([*args, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.5, 3.0))
-            proc.send_signal(signal.SIGINT if trial % 2 else signal.SIGKILL)
-            proc.wait(timeout=60)
-            if out.exists():  # the run finished before the signal: then it must be complete
-                assert shards(out) == reference
-                shutil.rmtree(out)
+        interrupt_runs([*args, str(out)], out, reference, trials=20, delay=(0.5, 3.0), seed=0)
         subprocess.run([*args, str(out)], check=True, capture_output=True)
         assert shards(out) == reference  # a clean restart gives byte-identical shards
         assert not leftovers(work)  # SIGINT cleans up after itself; the restart removed what SIGKILL left
@@ -119,16 +129,8 @@ class TestInterruption:
         args = [sys.executable, "-m", "abliterate", "edit", str(source), *FAST, "--out"]
         subprocess.run([*args, str(work / "reference")], check=True, capture_output=True)
         reference = shards(work / "reference")
-        rng = random.Random(1)
         out = work / "out"
-        for trial in range(6):
-            proc = subprocess.Popen([*args, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(1.0, 5.0))
-            proc.send_signal(signal.SIGINT if trial % 2 else signal.SIGKILL)
-            proc.wait(timeout=120)
-            if out.exists():
-                assert shards(out) == reference
-                shutil.rmtree(out)
+        interrupt_runs([*args, str(out)], out, reference, trials=6, delay=(1.0, 5.0), seed=1)
         subprocess.run([*args, str(out)], check=True, capture_output=True)
         assert shards(out) == reference
         assert not leftovers(work)
