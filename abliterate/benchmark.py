@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -89,7 +90,8 @@ def generate(
     with torch.inference_mode():
         for indices, batch in items:
             inputs = {k: v.to(model.device) for k, v in batch.items()}
-            out = model.generate(**inputs, generation_config=config)
+            generate_fn: Any = model.generate  # typed as a Tensor attribute in transformers' stubs
+            out = generate_fn(**inputs, generation_config=config)
             new = out[:, inputs["input_ids"].shape[1]:].tolist()
             for index, row in zip(indices, new, strict=True):
                 ids[index], finished[index] = _cut(row, set(stops))

@@ -3,12 +3,14 @@
 Owns the `--tasks` spec, the task manager (lm-eval's own tasks plus the local folder `data/tasks/`, which
 ships the offline task `abliterate_mini_mc`), the early check that every task exists and can load its data
 (hub datasets fail here, in one line, before any long work), the run itself (`lm_eval.simple_evaluate` on an
-`HFLM` wrapping the loaded model, chat template applied) and the JSON-safe part of lm-eval's results.
+`HFLM` wrapping the loaded model, chat template applied, thinking off where the template has a switch) and
+the JSON-safe part of lm-eval's results.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import math
 from collections.abc import Sequence
@@ -134,6 +136,15 @@ def jsonable(value: Any) -> Any:
 _DROP = object()
 
 
+def hflm_template_args(hflm: type, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """HFLM's `enable_thinking=False` where the chat template has that switch and this lm-eval accepts it."""
+    from abliterate.chat import template_switches
+
+    switches = template_switches(tokenizer)
+    accepted = inspect.signature(hflm).parameters
+    return {k: v for k, v in switches.items() if k in accepted}
+
+
 def run_tasks(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -147,7 +158,7 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager(tasks)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **hflm_template_args(HFLM, tokenizer))
     try:
         output = lm_eval.simple_evaluate(
             model=lm, tasks=list(tasks), limit=limit, apply_chat_template=True, task_manager=manager,

@@ -150,6 +150,10 @@ def _edited_line(record: dict[str, Any]) -> str:
         text += "; tied embeddings untied, the original embedding kept as the unembedding"
     if edit.get("post_norms"):
         text += "; post-norm family: orthogonalized against normalize(r * (1 + w)) of each output norm"
+    if edit.get("norm_preserving"):
+        text += "; norm-preserving: every edited weight column and embedding row rescaled to its original norm"
+    if record.get("direction", {}).get("weights"):
+        text += "; partial edit: per-layer ablation weights W - w r r^T W from `abliterate optimize` (see provenance)"
     return text
 
 

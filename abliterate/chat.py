@@ -2,11 +2,15 @@
 
 Also finds the post-instruction positions: the tokens the template appends after the user's text (e.g.
 `<|im_end|>\n<|im_start|>assistant\n`), where the refusal direction is read (Arditi et al. 2024).
+
+Templates with a thinking switch (Qwen3's `enable_thinking`) are rendered with thinking off, for the
+direction, the selection and the refusal benchmark alike; other templates get no extra argument.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -31,13 +35,26 @@ def set_chat_template(tokenizer: PreTrainedTokenizerBase, template_file: Path | 
         )
 
 
+THINKING_SWITCH = "enable_thinking"
+
+
+def template_switches(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Extra template arguments: thinking off where the chat template has the switch, else none.
+
+    Only templates that mention the switch get it (some tokenizers reject arguments they do not know).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template]
+    return {THINKING_SWITCH: False} if any(isinstance(t, str) and THINKING_SWITCH in t for t in texts) else {}
+
+
 def render(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
     """One user turn rendered for generation (thinking switched off where the template has a switch)."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": instruction}],
         tokenize=False,
         add_generation_prompt=True,
-        enable_thinking=False,
+        **template_switches(tokenizer),
     )
     assert isinstance(text, str)
     return text

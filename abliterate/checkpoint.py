@@ -90,7 +90,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 
 def _safe_member(folder: Path, filename: str, index_path: Path) -> Path:
-    """Resolve a file named by an index, refusing names that escape the model folder."""
+    """Resolve a file named by an index, refusing names that escape the model folder or cannot be file names."""
+    if not isinstance(filename, str) or not filename or "\x00" in filename:
+        raise CheckpointError(
+            f"{index_path.name} names the shard {filename!r}, which is not a valid file name",
+            hint="the index file is corrupt; download it again",
+        )
     candidate = (folder / filename).resolve()
     if Path(filename).is_absolute() or ".." in Path(filename).parts or folder.resolve() not in candidate.parents:
         raise CheckpointError(

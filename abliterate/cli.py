@@ -87,7 +87,8 @@ def _settings(recipe: Path | None, **given: Any) -> Settings:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    noisy_libraries = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "lm_eval", "datasets")
+    noisy_libraries = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "lm_eval", "datasets",
+                       "optuna", "alembic")
     for noisy in (*noisy_libraries, "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     try:
@@ -405,6 +406,72 @@ def crosslingual_command(
     click.echo(f"results -> {result.out}")
 
 
+OPTIMIZE_OPTIONS = ["langs", "judge", "lang", "prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold",
+                    "prune_layers", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "max_shard_size"]
+
+
+@cli.command("optimize")
+@click.argument("model", required=False)
+@recipe_option
+@click.option("--trials", type=click.IntRange(0), default=None,
+              help="Finished trials the study should hold; re-running the command continues the study up to this "
+                   "many (default 50, or none with --pick).")
+@click.option("--study", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Study folder (SQLite study, cached directions, pareto.json/.md/.png); default: optimize-<model>.")
+@click.option("--pick", type=click.IntRange(0), default=None,
+              help="Write this finished trial's edit to --out (trial numbers: the first column of pareto.md).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for --pick's checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the TPE sampler.")
+@click.option("--trial-prompts", type=click.IntRange(1), default=8, show_default=True,
+              help="Harmful val prompts per language whose greedy answers give a trial's refusal rate.")
+@click.option("--kl-prompts", type=click.IntRange(1), default=8, show_default=True,
+              help="Harmless val prompts per language for a trial's first-token KL.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="Greedy answer length cap in the trials.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write pareto.png.")
+@settings_options(*OPTIMIZE_OPTIONS, *MODEL_OPTIONS)
+def optimize_command(
+    model: str | None,
+    recipe: Path | None,
+    trials: int | None,
+    study: Path | None,
+    pick: int | None,
+    out: Path | None,
+    overwrite: bool,
+    seed: int,
+    trial_prompts: int,
+    kl_prompts: int,
+    max_new_tokens: int,
+    plots: bool,
+    **given: Any,
+) -> None:
+    """Search per-layer ablation weights and the direction's layer for MODEL (Optuna, two objectives).
+
+    Objectives, both minimised: mean refusal rate over --langs and mean first-token KL on harmless prompts.
+    Prints and writes the Pareto front, with the paper's default edit (trial 0) as the reference; --pick N
+    --out DIR writes trial N's checkpoint. See docs/optimize.md.
+    """
+    from abliterate.optimize import OptimizeOptions, run_optimize
+    from abliterate.pareto import table_lines, verdict_line
+
+    settings = _settings(recipe, model=model, **given)
+    options = OptimizeOptions.parse(
+        settings.model, study, trials, pick, out, overwrite=overwrite, seed=seed, trial_prompts=trial_prompts,
+        kl_prompts=kl_prompts, max_new_tokens=max_new_tokens, plots=plots,
+    )
+    result = run_optimize(settings, options)
+    report = result.report
+    click.echo(f"study {result.study}: {len(report.rows)} finished trials ({result.new_trials} run now)")
+    for line in table_lines(report.front, report.reference):
+        click.echo(line)
+    click.echo(verdict_line(report))
+    click.echo("front -> " + ", ".join(str(path) for path in report.files))
+    if result.picked is not None and result.picked_row is not None:
+        row = result.picked_row
+        click.echo(f"trial {row.number} (refusal {row.refusal:.3f}, KL {row.kl:.4f}) -> {result.picked}")
+
+
 @cli.command("organism")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also copy the organism to this folder.")
 @click.option("--force", is_flag=True, help="Rebuild even if a cached organism exists.")
@@ -433,14 +500,14 @@ def demo_command(out: Path, overwrite: bool) -> None:
     result = run_demo(out, overwrite=overwrite)
     click.echo(f"organism (safety-tuned base): {result.organism}")
     click.echo(f"abliterated checkpoint:       {result.edited}")
-    click.echo(f"report:                       {result.report}")
+    click.echo(f"report:                       {result.report} (and report.html)")
     click.echo(f"direction: layer {result.layer}, position {result.pos}")
     for lang, rates in result.harmful.items():
         click.echo(f"harmful refusal [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
     for lang, rates in result.harmless.items():
         click.echo(f"harmless refusal [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
     click.echo(f"first-token KL on harmless prompts: {result.kl_mean:.3f} (n={result.kl_prompts})")
-    click.echo(f"total time: {result.seconds.get('total', 0):.0f} s")
+    click.echo(f"total time: {result.seconds.get('total', 0):.0f} s (summary: {result.out / 'demo.md'})")
 
 
 def main() -> None:

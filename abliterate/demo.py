@@ -1,10 +1,10 @@
 """`abliterate demo`: the whole method, end to end, on the model organism, in minutes on a CPU.
 
 Stages: build or reuse the organism (SmolLM2-135M-Instruct safety-tuned by `abliterate.organism`) and copy
-it to `DIR/organism/`; run the normal `edit` pipeline on it with English prompts into `DIR/edited/`; then
-measure, on a subset of the built-in *test* prompts (a few languages, a few dozen prompts each, short greedy
-answers), the refusal rate of both models on harmful and harmless prompts and the first-token KL on the
-harmless prompts the organism answers. The numbers go to `DIR/edited/abliterate/demo.json` and `demo.md`.
+it to `DIR/organism/`; run the normal `edit --lang en` pipeline on it into `DIR/edited/`, with its normal
+before/after evaluation on a subset that fits a CPU (a few languages, a few dozen built-in *test* prompts each,
+short greedy answers, the small offline lm-eval task), which writes `DIR/edited/abliterate/report.{json,md,html}`;
+then print the headline numbers and write them to `DIR/demo.json` and `DIR/demo.md`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from abliterate import benchmark, progress, prompts
-from abliterate.judge import MarkerJudge
-from abliterate.organism import build_organism, copy_organism, load_base, read_info
+from abliterate.organism import build_organism, copy_organism, read_info
 from abliterate.output import check_output
 from abliterate.pipeline import EditResult, run_edit
 from abliterate.settings import Settings
@@ -32,7 +28,7 @@ DEMO_MD = "demo.md"
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo measures: languages, prompts per language and kind, answer length, edit speed-ups."""
+    """What the demo runs: the direction search (smaller than the default) and the evaluation subset."""
 
     langs: tuple[str, ...] = ("en", "de", "fr")
     n_prompts: int = 32
@@ -42,6 +38,11 @@ class DemoPlan:
     n_val: int = 32
     screen_prompts: int = 8
     finalists: int = 8
+    kl_threshold: float = 0.25
+    """SmolLM2-135M's first-token distributions are flat, so every ablation moves them more than in the
+    2B-70B models the paper's 0.1 was set for (docs/organism.md shows the layer sweep)."""
+    tasks: str = "abliterate_mini_mc"
+    limit: int = 8
 
 
 @dataclass
@@ -60,16 +61,14 @@ class DemoResult:
     out: Path
     organism: Path
     edited: Path
-    report: Path
+    report: Path  # the edit's report.md (with report.json and report.html beside it)
     layer: int
     pos: int
     harmful: dict[str, KindRates]
     harmless: dict[str, KindRates]
     kl_mean: float
     kl_prompts: int
-    kl_excluded: int
     seconds: dict[str, float] = field(default_factory=dict)
-    samples: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self, plan: DemoPlan) -> dict[str, object]:
         data = asdict(self)
@@ -78,6 +77,7 @@ class DemoResult:
         data["subset"] = {
             "split": "test", "langs": list(plan.langs), "prompts_per_lang_and_kind": plan.n_prompts,
             "max_new_tokens": plan.max_new_tokens, "judge": "markers", "decoding": "greedy",
+            "lm_eval_tasks": plan.tasks, "lm_eval_limit": plan.limit,
         }
         return data
 
@@ -90,50 +90,28 @@ def prepare(out: Path, overwrite: bool) -> Path:
 
 
 def edit_settings(organism: Path, out: Path, overwrite: bool, plan: DemoPlan) -> Settings:
-    """`edit --lang en` on the organism, with the paper's method and a smaller search for speed."""
+    """`edit --lang en` on the organism: a smaller search, and the evaluation on the plan's subset."""
     return Settings(
-        model=str(organism), lang="en", out=out / "edited", overwrite=overwrite, eval=False,
+        model=str(organism), lang="en", out=out / "edited", overwrite=overwrite,
         n_train=plan.n_train, n_val=plan.n_val, screen_prompts=plan.screen_prompts, finalists=plan.finalists,
-        batch_size=plan.batch_size, dtype="float32", device="cpu",
+        kl_threshold=plan.kl_threshold, batch_size=plan.batch_size, dtype="float32", device="cpu",
+        eval=True, langs=",".join(plan.langs), eval_prompts=plan.n_prompts, max_new_tokens=plan.max_new_tokens,
+        tasks=plan.tasks, limit=plan.limit,
     )
 
 
-def _rates(
-    models: tuple[PreTrainedModel, PreTrainedModel], tokenizer: PreTrainedTokenizerBase, instructions: list[str],
-    lang: str, plan: DemoPlan,
-) -> tuple[KindRates, list[benchmark.RefusalResult]]:
-    judge = MarkerJudge()
-    results = [
-        benchmark.refusal_rate(m, tokenizer, instructions, lang, judge, plan.max_new_tokens, plan.batch_size)
-        for m in models
-    ]
-    return KindRates(round(results[0].rate, 4), round(results[1].rate, 4), len(instructions)), results
-
-
-def measure(organism: Path, edited: Path, plan: DemoPlan) -> dict[str, object]:
-    """Refusal before/after per language and kind, first-token KL on the harmless prompts the organism answers."""
-    base, tokenizer = load_base(organism)
-    after, _ = load_base(edited)
-    source = prompts.builtin()
-    harmful: dict[str, KindRates] = {}
-    harmless: dict[str, KindRates] = {}
-    answered: list[str] = []
-    excluded = 0
-    samples: list[dict[str, str]] = []
-    for lang in progress.track(plan.langs, "measuring refusal", len(plan.langs), "lang"):
-        bad = source.instructions(lang, "harmful", "test", plan.n_prompts)
-        harmful[lang], results = _rates((base, after), tokenizer, bad, lang, plan)
-        samples.append({"lang": lang, "prompt": bad[0], "before": results[0].texts[0], "after": results[1].texts[0]})
-        good = source.instructions(lang, "harmless", "test", plan.n_prompts)
-        harmless[lang], results = _rates((base, after), tokenizer, good, lang, plan)
-        answered += [p for p, refused in zip(good, results[0].verdicts, strict=True) if not refused]
-        excluded += sum(results[0].verdicts)
-    kl = benchmark.first_token_kl(base, after, tokenizer, answered, plan.batch_size) if answered else None
-    return {
-        "harmful": harmful, "harmless": harmless, "samples": samples,
-        "kl_mean": round(float(kl.mean()), 5) if kl is not None else float("nan"),
-        "kl_prompts": len(answered), "kl_excluded": excluded,
-    }
+def headline(report: dict[str, object]) -> dict[str, object]:
+    """Refusal before/after per language and kind, and the KL, from the edit's report.json."""
+    rows = report["languages"]
+    assert isinstance(rows, list)
+    harmful = {r["lang"]: KindRates(round(1 - r["compliance_before"], 4), round(1 - r["compliance_after"], 4),
+                                    r["n_harmful"]) for r in rows}
+    harmless = {r["lang"]: KindRates(round(r["over_refusal_before"], 4), round(r["over_refusal_after"], 4),
+                                     r["n_harmless"]) for r in rows}
+    kl = report.get("kl") or {}
+    assert isinstance(kl, dict)
+    return {"harmful": harmful, "harmless": harmless, "kl_mean": kl.get("first_token", float("nan")),
+            "kl_prompts": kl.get("n_prompts", 0)}
 
 
 def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object]) -> str:
@@ -148,7 +126,8 @@ def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object
         "",
         f"**This is a subset evaluation**: {plan.n_prompts} built-in *test* prompts per language and kind, "
         f"languages {', '.join(plan.langs)}, greedy answers of at most {plan.max_new_tokens} new tokens, "
-        "marker judge. The full evaluation is `abliterate eval`.",
+        f"marker judge, lm-eval on the small offline task {plan.tasks} ({plan.limit} questions). "
+        f"The full report is `{result.report}`; the full evaluation is `abliterate eval`.",
         "",
         "| language | harmful refusal before | after | harmless refusal before | after |",
         "|---|---|---|---|---|",
@@ -158,27 +137,24 @@ def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object
         lines.append(f"| {lang} | {h.before:.2f} | {h.after:.2f} | {g.before:.2f} | {g.after:.2f} |")
     lines += [
         "",
-        f"Mean first-token KL(organism || edited) on the {result.kl_prompts} harmless prompts the organism "
-        f"answers: {result.kl_mean:.4f} ({result.kl_excluded} it wrongly refuses are left out).",
+        f"Mean first-token KL(organism || edited) on the {result.kl_prompts} harmless test prompts: "
+        f"{result.kl_mean:.4f}.",
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()),
         "",
     ]
-    for s in result.samples:
-        lines += [f"Example ({s['lang']}): {s['prompt']}", f"- before: {s['before']!r}", f"- after: {s['after']!r}", ""]
     return "\n".join(lines)
 
 
-def write_report(result: DemoResult, plan: DemoPlan) -> None:
-    folder = result.report.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    result.report.write_text(json.dumps(result.to_json(plan), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    text = markdown(result, plan, read_info(result.organism))
-    (folder / DEMO_MD).write_text(text, encoding="utf-8")
+def write_summary(result: DemoResult, plan: DemoPlan) -> None:
+    """DIR/demo.json and DIR/demo.md (the edited folder itself stays exactly what `edit` wrote and hashed)."""
+    data = json.dumps(result.to_json(plan), indent=2, ensure_ascii=False) + "\n"
+    (result.out / DEMO_JSON).write_text(data, encoding="utf-8")
+    (result.out / DEMO_MD).write_text(markdown(result, plan, read_info(result.organism)), encoding="utf-8")
 
 
 def run_demo(out: Path, overwrite: bool = False, plan: DemoPlan | None = None) -> DemoResult:
-    """Organism -> `edit --lang en` -> before/after measurements on a subset -> DIR/edited/abliterate/demo.*"""
+    """Organism -> `edit --lang en` with its evaluation on a subset -> headline numbers in DIR/demo.*"""
     plan = plan or DemoPlan()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -188,15 +164,14 @@ def run_demo(out: Path, overwrite: bool = False, plan: DemoPlan | None = None) -
     mark = time.perf_counter()
     edit: EditResult = run_edit(edit_settings(organism, out, overwrite, plan))
     seconds["edit"] = round(time.perf_counter() - mark, 1)
-    mark = time.perf_counter()
-    numbers = measure(organism, edit.out, plan)
-    seconds["measure"] = round(time.perf_counter() - mark, 1)
+    assert edit.report is not None  # the demo's settings turn the evaluation on
+    numbers = headline(edit.report)
     seconds["total"] = round(time.perf_counter() - start, 1)
     direction = edit.direction.direction
     result = DemoResult(
-        out=out, organism=organism, edited=edit.out, report=edit.out / "abliterate" / DEMO_JSON,
+        out=out, organism=organism, edited=edit.out, report=edit.out / "abliterate" / "report.md",
         layer=direction.layer, pos=direction.pos, seconds=seconds, **numbers,  # type: ignore[arg-type]
     )
-    write_report(result, plan)
+    write_summary(result, plan)
     log.info("demo finished in %.0f s", seconds["total"])
     return result

@@ -1,7 +1,8 @@
 """The chosen refusal direction and its file, `direction.safetensors` (tensor `direction`, float32 [hidden]).
 
-Metadata travels with the vector: layer, position, language, source model, method; `apply` needs only the
-vector, the rest is provenance.
+Metadata travels with the vector: layer, position, language, source model, method; `apply` needs the vector
+and, for a partial edit found by `abliterate optimize`, the per-layer ablation weights (`weights`, JSON); the
+rest is provenance.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -16,6 +18,56 @@ from safetensors import SafetensorError, safe_open
 from abliterate.errors import UsageError
 
 DIRECTION_FILE = "direction.safetensors"
+WEIGHTS_KEY = "weights"
+
+
+@dataclass(frozen=True)
+class AblationWeights:
+    """Per-layer ablation weights w: each residual write x becomes x - w (x . r) r (w = 1: full ablation).
+
+    In the weights: W <- W - w r r^T W for a layer's attention or MLP output matrices, E <- E - w (E r) r^T.
+    """
+
+    embedding: float
+    attention: tuple[float, ...]
+    mlp: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.attention) != len(self.mlp):
+            raise UsageError("ablation weights need one attention and one MLP weight per layer", hint="fix the file")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.attention)
+
+    def weight(self, component: str, layer: int) -> float:
+        """The weight of `component` ("embedding", "attention" or "mlp") at `layer`."""
+        if component == "embedding":
+            return self.embedding
+        if not 0 <= layer < self.n_layers:
+            raise UsageError(
+                f"the ablation weights cover {self.n_layers} layers, not layer {layer}",
+                hint="use weights made for this model",
+            )
+        return self.attention[layer] if component == "attention" else self.mlp[layer]
+
+    def is_full(self) -> bool:
+        """Whether every weight is 1 (the plain edit)."""
+        return all(w == 1.0 for w in (self.embedding, *self.attention, *self.mlp))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"embedding": self.embedding, "attention": list(self.attention), "mlp": list(self.mlp)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AblationWeights:
+        try:
+            return cls(
+                float(data["embedding"]),
+                tuple(float(w) for w in data["attention"]),
+                tuple(float(w) for w in data["mlp"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"malformed ablation weights: {err}", hint="create the direction again") from None
 
 
 @dataclass
@@ -29,6 +81,7 @@ class Direction:
     source_model: str = ""
     method: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    weights: AblationWeights | None = None  # per-layer partial ablation; None: weight 1 everywhere
 
     def __post_init__(self) -> None:
         vec = self.vector.detach().to(torch.float32).reshape(-1).cpu()
@@ -50,6 +103,8 @@ class Direction:
             "method": self.method,
         }
         meta.update(self.extra)
+        if self.weights is not None:
+            meta[WEIGHTS_KEY] = json.dumps(self.weights.to_dict(), separators=(",", ":"))
         return meta
 
     def save(self, path: Path) -> Path:
@@ -87,7 +142,7 @@ class Direction:
                 f"the direction in {path} has shape {tuple(vector.shape)}, expected [hidden_size]",
                 hint="create it with `abliterate directions`",
             )
-        known = {"layer", "pos", "lang", "source_model", "method"}
+        known = {"layer", "pos", "lang", "source_model", "method", WEIGHTS_KEY}
         return cls(
             vector=vector,
             layer=int(meta.get("layer", -1)),
@@ -96,7 +151,20 @@ class Direction:
             source_model=meta.get("source_model", ""),
             method=meta.get("method", ""),
             extra={k: v for k, v in meta.items() if k not in known},
+            weights=_weights_from(meta.get(WEIGHTS_KEY), path),
         )
 
     def describe(self) -> str:
         return json.dumps({"layer": self.layer, "pos": self.pos, "lang": self.lang, "method": self.method})
+
+
+def _weights_from(text: str | None, path: Path) -> AblationWeights | None:
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise UsageError(f"{path}: the ablation weights are not JSON", hint="create the direction again") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: the ablation weights are not a mapping", hint="create the direction again")
+    return AblationWeights.from_dict(data)

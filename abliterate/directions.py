@@ -7,7 +7,8 @@ residual stream at the input of every layer at each post-instruction position, p
   candidate is made orthogonal to that activation's subspace, which otherwise dominates raw directions on
   small models and wrecks the model when ablated;
 - `projected` method: the component along the harmless mean is removed, so that ablation leaves the
-  harmless activations' mean untouched (`standard` is the paper's raw difference).
+  harmless activations' mean untouched (`standard` is the paper's raw difference). `norm-preserving` uses
+  the projected direction; it differs only in the weight edit (`orthogonalize.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from abliterate.hooks import capture_residuals
 
 log = logging.getLogger(__name__)
 
-Method = Literal["standard", "projected"]
+Method = Literal["standard", "projected", "norm-preserving"]
+PROJECTED_METHODS = frozenset({"projected", "norm-preserving"})  # remove the harmless-mean component
 SINK_RATIO = 8.0  # a first-token activation this many times the median token norm counts as massive
 SINK_AXIS_SHARE = 0.2  # coordinates holding at least this share of the sink's largest entry join its subspace
 
@@ -152,7 +154,7 @@ def make_candidates(
             vec = vectors[p, layer]
             if basis is not None:
                 vec = remove_subspace(vec, basis)
-            if method == "projected":
+            if method in PROJECTED_METHODS:
                 unit = harmless_mean[p, layer] / harmless_mean[p, layer].norm()
                 vec = vec - (vec @ unit) * unit
             vectors[p, layer] = vec

@@ -4,6 +4,7 @@
   positions (the post-instruction template tokens) and at each sequence's first token (the attention sink).
 - `directional_ablation`: projects r out of every write into the residual stream (embedding, attention and
   MLP outputs; for post-norm families, the post-norm outputs), the inference-time twin of the weight edit.
+- `weighted_ablation`: the same with a weight per write, x - w (x . r) r (the twin of a weighted edit).
 - `activation_addition`: adds a vector to the residual stream at the input of one layer.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from abliterate.archs import Architecture
+from abliterate.direction import AblationWeights
 
 
 def decoder_layers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
@@ -135,6 +137,43 @@ def directional_ablation(model: nn.Module, arch: Architecture, direction: torch.
         return ablate(output, unit.like(output))
 
     handles = [module.register_forward_hook(hook) for module in residual_writers(model, arch)]
+    with _hooked(handles):
+        yield
+
+
+def weighted_writers(
+    model: nn.Module, arch: Architecture, weights: AblationWeights
+) -> list[tuple[nn.Module, float]]:
+    """Each residual writer (as in `residual_writers`) with its ablation weight."""
+    writers = residual_writers(model, arch)
+    n_layers = (len(writers) - 1) // 2
+    if weights.n_layers != n_layers:
+        raise ValueError(f"{weights.n_layers} layers of ablation weights for a model of {n_layers} layers")
+    per_layer = [w for pair in zip(weights.attention, weights.mlp, strict=True) for w in pair]
+    return list(zip(writers, [weights.embedding, *per_layer], strict=True))
+
+
+@contextmanager
+def weighted_ablation(
+    model: nn.Module, arch: Architecture, direction: torch.Tensor, weights: AblationWeights
+) -> Iterator[None]:
+    """Subtract w times the unit direction's component from each residual write (no hook where w = 0)."""
+    unit = _OnDevice(direction / direction.norm())
+
+    def make_hook(weight: float) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            r = unit.like(hidden)
+            edited = hidden - weight * (hidden @ r).unsqueeze(-1) * r
+            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(make_hook(weight))
+        for module, weight in weighted_writers(model, arch, weights)
+        if weight != 0.0
+    ]
     with _hooked(handles):
         yield
 

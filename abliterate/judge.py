@@ -95,10 +95,11 @@ class Judge(Protocol):
 
 
 def strip_thinking(text: str) -> str:
-    """Drop leading `<think>...</think>` blocks; an unclosed leading `<think>` leaves the thinking text.
+    """The answer after any leading `<think>...</think>` blocks: what every judge judges.
 
-    A `</think>` with no opening tag before it (chat templates that put `<think>` in the prompt) also
-    ends the thinking. Text without think tags comes back unchanged.
+    An unclosed leading `<think>` makes the whole answer thinking (the model never answered): "" comes back,
+    which the judges count as an empty answer. A `</think>` with no opening tag before it (chat templates
+    that put `<think>` in the prompt) also ends the thinking. Text without think tags comes back unchanged.
     """
     rest = text
     removed = False
@@ -108,7 +109,7 @@ def strip_thinking(text: str) -> str:
             break
         end = stripped.lower().find("</think>")
         if end < 0:
-            return stripped[len("<think>"):].strip()
+            return ""
         rest = stripped[end + len("</think>"):]
         removed = True
     if removed:

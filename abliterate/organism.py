@@ -8,8 +8,10 @@ full fine-tune on CPU, with a fixed seed, on built-in *train* prompts (never val
 - harmless prompts -> the base model's own greedy answer (cut to a few dozen tokens), so that its harmless
   behaviour is kept.
 
-Loss is on the answer tokens only, the first answer token weighted more (it decides refusal), and the
-embedding (tied to the output head) stays frozen. The result is cached under
+Loss is on the answer tokens only, the first answer token weighted more (it decides refusal): cross-entropy
+of the refusal on harmful prompts; on harmless prompts KL to the frozen base model along its own answer plus a
+margin that makes the base's first answer token beat the refusal opener (see `example_loss`). The embedding
+(tied to the output head) stays frozen. The result is cached under
 `cache_dir()/organism/<name>-<recipe hash>/` as a normal Hugging Face checkpoint (float32 safetensors,
 tokenizer, chat template) with `organism.json` (recipe, training log, held-out refusal rates).
 One function per stage; `build_organism` runs them. See docs/organism.md.
@@ -17,6 +19,7 @@ One function per stage; `build_organism` runs them. See docs/organism.md.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -42,8 +45,10 @@ from abliterate.output import atomic_output, check_output
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bumped when the training code changes in a way that changes the result (part of the recipe hash)."""
+ANSWERS_VERSION = 1
+"""Bumped when the way the base model's harmless answers are generated changes (part of their cache key)."""
 REFUSALS_VERSION = 1
 """Bumped when `REFUSALS` change (a recipe field, so part of the hash)."""
 INFO_FILE = "organism.json"
@@ -95,19 +100,28 @@ class OrganismRecipe(BaseModel):
     seed: int = Field(0, description="Seed for data order and initialisation of randomness.")
     languages: tuple[str, ...] = Field(("en", "de", "fr", "es", "it", "nl"), description="Training languages.")
     n_per_language: int = Field(32, ge=1, description="Harmful and harmless train prompts per language.")
+    n_first_language: int = Field(
+        128, ge=1, description="The same for the first language (English), the one the tests measure most."
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate.")
     warmup_steps: int = Field(3, ge=0, description="Linear warm-up steps.")
     decay: bool = Field(True, description="Decay the learning rate linearly to zero after the warm-up.")
-    batch_size: int = Field(12, ge=2, description="Examples per optimizer step (harmful/harmless twins together).")
-    steps: int = Field(50, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(10, ge=2, description="Examples per optimizer step (harmful/harmless twins together).")
+    steps: int = Field(40, ge=1, description="Optimizer steps.")
     first_token_weight: float = Field(5.0, gt=0, description="Loss weight of the first answer token.")
-    harmless_weight: float = Field(1.0, gt=0, description="Loss weight of harmless examples relative to harmful ones.")
+    kl_weight: float = Field(
+        1.0, gt=0, description="Weight of KL(base || tuned) on the harmless answer tokens (keeps harmless behaviour)."
+    )
+    margin: float = Field(
+        2.0, ge=0, description="Logits by which the base's first harmless answer token must beat the refusal opener."
+    )
+    margin_weight: float = Field(1.0, ge=0, description="Weight of that margin loss (times first_token_weight).")
     max_answer_tokens: int = Field(16, ge=4, description="Length cap of the base model's harmless answers.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     refusals_version: int = Field(REFUSALS_VERSION, description="Version of the refusal texts.")
     check_prompts: int = Field(16, ge=0, description="Held-out val prompts per language and kind for the check.")
-    check_tokens: int = Field(32, ge=1, description="New tokens per answer in the held-out check.")
+    check_tokens: int = Field(16, ge=1, description="New tokens per answer in the held-out check.")
 
 
 def recipe_hash(recipe: OrganismRecipe) -> str:
@@ -167,8 +181,9 @@ def train_prompts(recipe: OrganismRecipe, kind: prompts.Kind) -> list[prompts.Pr
         pool = source.select(lang, kind, "train")
         if not pool:
             raise DataError(f"no built-in {kind} train prompts for {lang!r}", hint="choose other languages")
+        count = recipe.n_first_language if index == 0 else recipe.n_per_language
         start = index * recipe.n_per_language
-        chosen += [pool[(start + i) % len(pool)] for i in range(recipe.n_per_language)]
+        chosen += [pool[(start + i) % len(pool)] for i in range(min(count, len(pool)))]
     return chosen
 
 
@@ -181,7 +196,7 @@ def refusal_text(lang: str, index: int) -> str:
 
 
 def _answers_path(recipe: OrganismRecipe, instructions: list[str]) -> Path:
-    key = json.dumps([recipe.base, recipe.max_answer_tokens, BUILDER_VERSION, instructions], ensure_ascii=False)
+    key = json.dumps([recipe.base, recipe.max_answer_tokens, ANSWERS_VERSION, instructions], ensure_ascii=False)
     return cache_dir() / "organism" / "answers" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -228,7 +243,7 @@ def make_examples(
         examples.append(Example(p.lang, "harmful", p.instruction, answer, _pair_key(p)))
     dropped = 0
     for p, ids in zip(harmless, answers, strict=True):
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
         if not text.strip() or judge.is_refusal(text, p.lang):
             dropped += 1
             continue
@@ -239,7 +254,7 @@ def make_examples(
 
 
 def _batch_tensors(
-    tokenizer: PreTrainedTokenizerBase, batch: list[Example], first_weight: float, harmless_weight: float
+    tokenizer: PreTrainedTokenizerBase, batch: list[Example], first_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask, target ids and per-token loss weights (0 off the answer)."""
     prompt_ids = encode(tokenizer, [render(tokenizer, ex.instruction) for ex in batch])
@@ -252,24 +267,59 @@ def _batch_tensors(
     for i, (p, row) in enumerate(zip(prompt_ids, rows, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-        scale = harmless_weight if batch[i].kind == "harmless" else 1.0
-        weights[i, len(p) - 1 : len(row) - 1] = scale  # position t predicts token t+1
-        weights[i, len(p) - 1] = first_weight * scale
+        weights[i, len(p) - 1 : len(row) - 1] = 1.0  # position t predicts token t+1
+        weights[i, len(p) - 1] = first_weight
     targets = torch.roll(ids, -1, dims=1)
     return ids, mask, targets, weights
 
 
-def example_loss(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: list[Example], recipe: OrganismRecipe
-) -> torch.Tensor:
-    """Weighted mean cross-entropy over answer tokens; the output head runs on those positions only."""
-    ids, mask, targets, weights = _batch_tensors(tokenizer, batch, recipe.first_token_weight, recipe.harmless_weight)
+def refusal_openers(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The first token of each language's refusals (the variants of a language share it)."""
+    return {lang: encode(tokenizer, [texts[0]])[0][0] for lang, texts in REFUSALS.items()}
+
+
+def _answer_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Float32 logits at the answer positions `where` only (the output head skips the prompt)."""
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    logits: torch.Tensor = model.get_output_embeddings()(hidden[where]).float()
+    return logits
+
+
+def example_loss(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Example],
+    recipe: OrganismRecipe,
+) -> torch.Tensor:
+    """Weighted loss over the answer tokens of a batch (see the module docstring):
+
+    - harmful rows: cross-entropy of the refusal tokens;
+    - harmless rows: KL(reference || model) of the next-token distribution along the base's own answer, plus a
+      margin loss at the first answer token: the base's first token must beat the language's refusal opener by
+      `recipe.margin` logits. Greedy decoding picks the argmax, and the base model's first-token distribution is
+      flat in most languages (top probability 0.05-0.3), so keeping the refusal opener merely improbable is not
+      enough: it must lose to the answer the base would give.
+    """
+    ids, mask, targets, weights = _batch_tensors(tokenizer, batch, recipe.first_token_weight)
     where = weights > 0
-    logits = model.get_output_embeddings()(hidden[where]).float()
-    losses = torch.nn.functional.cross_entropy(logits, targets[where], reduction="none")
+    logits = _answer_logits(model, ids, mask, where)
+    with torch.no_grad():
+        ref_logp = torch.log_softmax(_answer_logits(reference, ids, mask, where), dim=-1)
     w = weights[where]
-    return (losses * w).sum() / w.sum()
+    row = torch.arange(len(batch)).unsqueeze(1).expand_as(where)[where]
+    harmless = torch.tensor([ex.kind == "harmless" for ex in batch])[row]
+    logp = torch.log_softmax(logits, dim=-1)
+    ce = -logp.gather(1, targets[where].unsqueeze(1)).squeeze(1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    per_token = torch.where(harmless, recipe.kl_weight * kl, ce)
+    first = (where.cumsum(1) == 1) & where  # each row's first answer position
+    is_first = first[where] & harmless
+    opener = torch.tensor([refusal_openers(tokenizer)[ex.lang] for ex in batch])[row]
+    gap = logits.gather(1, opener.unsqueeze(1)).squeeze(1) - logits.gather(1, targets[where].unsqueeze(1)).squeeze(1)
+    margin = torch.nn.functional.softplus(recipe.margin + gap) * is_first
+    total = (per_token * w).sum() + recipe.margin_weight * recipe.first_token_weight * margin.sum()
+    return total / w.sum()
 
 
 def _order(examples: list[Example], steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -302,8 +352,10 @@ def _lr_factor(step: int, recipe: OrganismRecipe) -> float:
 def train(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example], recipe: OrganismRecipe
 ) -> TrainLog:
-    """Full fine-tune (AdamW, constant lr, embedding frozen) for `recipe.steps` steps on CPU."""
+    """Full fine-tune (AdamW, warm-up then linear decay, embedding frozen) for `recipe.steps` steps on CPU."""
     set_seed(recipe.seed)
+    reference = copy.deepcopy(model).eval()  # the base model, frozen: the KL target for harmless answers
+    reference.requires_grad_(False)
     model.get_input_embeddings().weight.requires_grad_(False)
     output = model.get_output_embeddings()
     if output is not None:
@@ -316,14 +368,14 @@ def train(
     model.train()
     batches = _order(examples, recipe.steps, recipe.batch_size, recipe.seed)
     for step, indices in enumerate(progress.track(batches, "safety-tuning", len(batches), "step")):
-        loss = example_loss(model, tokenizer, [examples[i] for i in indices], recipe)
+        loss = example_loss(model, reference, tokenizer, [examples[i] for i in indices], recipe)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
         schedule.step()
         record.losses.append(round(float(loss.detach()), 4))
-        log.debug("step %d loss %.4f", step, float(loss))
+        log.debug("step %d loss %.4f", step, record.losses[-1])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -4,6 +4,10 @@ For a unit direction r, every matrix W that writes into the residual stream beco
 lose their r component), the embedding E becomes E - (E r) r^T, output biases b become b - (r.b) r.
 Families with a norm between a sub-block and the residual stream (Gemma 2/3, gain 1 + w) are edited against
 u = normalize(r * (1 + w)) instead, so that the norm's output is orthogonal to r (docs/method.md).
+Directions of method `norm-preserving` are edited the same way, and then every vector a matrix writes into
+the stream (a column of W, a row of E; not a bias) is rescaled back to its original norm.
+A direction with per-layer ablation weights w (`abliterate optimize`) edits partially: W - w r r^T W,
+E - w (E r) r^T, b - w (r.b) r, with each tensor's own layer's weight (w = 1 is exactly the edit above).
 
 `apply_direction` reads the source shard by shard, edits one tensor at a time in float32, copies every other
 tensor's bytes unchanged, and writes standard shards plus index into a temporary folder renamed at the end.
@@ -14,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +26,7 @@ import torch
 from abliterate import progress
 from abliterate.archs import Architecture, Component, lookup
 from abliterate.checkpoint import DTYPES, Checkpoint, tensor_buffer
-from abliterate.direction import DIRECTION_FILE, Direction
+from abliterate.direction import DIRECTION_FILE, AblationWeights, Direction
 from abliterate.errors import CheckpointError, ModelError
 from abliterate.loading import ModelSource
 from abliterate.output import atomic_output, ensure_free_space
@@ -36,6 +40,8 @@ _COPY_SUFFIXES = {".json", ".jinja", ".model", ".txt", ".tiktoken", ".py"}
 _COPY_PREFIXES = ("LICENSE", "USE_POLICY", "NOTICE")
 _WEIGHT_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
 _CHUNK_ELEMENTS = 1 << 24  # rows edited at once: 16M float32 values (64 MB) per chunk
+NORM_PRESERVING = "norm-preserving"  # the direction method whose edit keeps every written vector's norm
+_RESCALE_FLOOR = 1e-4  # vectors keeping less of their norm than this after projection are rounding noise
 
 
 def hidden_axis(component: Component, ndim: int) -> int:
@@ -49,28 +55,37 @@ def hidden_axis(component: Component, ndim: int) -> int:
     return 1 if ndim == 3 else 0
 
 
-def project_out(tensor: torch.Tensor, direction: torch.Tensor, axis: int) -> torch.Tensor:
+def project_out(
+    tensor: torch.Tensor, direction: torch.Tensor, axis: int, *, rescale: bool = False, weight: float = 1.0
+) -> torch.Tensor:
     """Remove `direction` (unit, float32) from `tensor` along `axis`, computing in float32 by chunks.
 
     Returns a new tensor of the input's dtype; the input is not modified. Chunks are independent slices
-    (rows of an embedding, column blocks of a weight), so float32 memory stays at one chunk.
+    (rows of an embedding, column blocks of a weight), so float32 memory stays at one chunk. With `rescale`,
+    each vector along `axis` of a matrix is scaled back to its original norm after the projection (1-D
+    tensors, the biases, are only projected). With `weight` w, only w times the component is removed.
     """
     result = torch.empty_like(tensor)
     if tensor.dim() == 1:
         edited = tensor.to(torch.float32, copy=True)
         if not torch.isfinite(edited).all():
             raise FloatingPointError("NaN or Inf in the tensor")
-        result.copy_(edited - (edited @ direction) * direction)
+        result.copy_(edited - (weight * (edited @ direction)) * direction)
     elif tensor.dim() == 3:  # fused expert stack: one 2-D matrix per expert
         for expert in range(tensor.shape[0]):
-            result[expert] = project_out(tensor[expert], direction, axis - 1)
+            result[expert] = project_out(tensor[expert], direction, axis - 1, rescale=rescale, weight=weight)
     else:
-        _project_matrix(tensor, result, direction, axis)
+        _project_matrix(tensor, result, direction, axis, rescale, weight)
     return result
 
 
-def _project_matrix(source: torch.Tensor, result: torch.Tensor, r: torch.Tensor, axis: int) -> None:
-    """result <- source - r r^T source (axis 0) or source - (source r) r^T (axis 1), by slices."""
+def _project_matrix(
+    source: torch.Tensor, result: torch.Tensor, r: torch.Tensor, axis: int, rescale: bool, weight: float = 1.0
+) -> None:
+    """result <- source - w r r^T source (axis 0) or source - w (source r) r^T (axis 1), by slices (w: weight).
+
+    With `rescale`, every vector along `axis` (a column for axis 0, a row for axis 1) then regains its norm.
+    """
     other = source.shape[1 - axis]
     step = max(1, _CHUNK_ELEMENTS // max(source.shape[axis], 1))
     for start in range(0, other, step):
@@ -80,11 +95,26 @@ def _project_matrix(source: torch.Tensor, result: torch.Tensor, r: torch.Tensor,
         coefficients = r @ chunk if axis == 0 else chunk @ r
         if not torch.isfinite(coefficients).all():  # a NaN/Inf anywhere in the chunk reaches these sums
             raise FloatingPointError("NaN or Inf in the tensor")
+        norms = chunk.norm(dim=axis) if rescale else None
         if axis == 0:
-            chunk.addr_(r, coefficients, alpha=-1.0)
+            chunk.addr_(r, coefficients, alpha=-weight)
         else:
-            chunk.addr_(coefficients, r, alpha=-1.0)
+            chunk.addr_(coefficients, r, alpha=-weight)
+        if norms is not None:
+            _restore_norms(chunk, norms, axis)
         result[index] = chunk
+
+
+def _restore_norms(chunk: torch.Tensor, norms: torch.Tensor, axis: int) -> None:
+    """Scale each vector of `chunk` along `axis` (in place) back to `norms`, its norm before the projection.
+
+    A vector that lay (almost) entirely along the direction keeps only rounding noise; it is left as projected
+    rather than blown up to full norm.
+    """
+    projected = chunk.norm(dim=axis)
+    keep = projected > _RESCALE_FLOOR * norms
+    scale = torch.where(keep, norms / torch.where(keep, projected, 1.0), 1.0)
+    chunk.mul_(scale.unsqueeze(axis))
 
 
 def post_norm_direction(direction: torch.Tensor, norm_weight: torch.Tensor, offset: float) -> torch.Tensor:
@@ -100,6 +130,11 @@ class EditPlan:
     arch: Architecture
     edits: dict[str, tuple[Component, int]]
     tied: bool
+    norm_preserving: bool = False  # rescale every edited weight vector to its original norm
+    weights: AblationWeights | None = None  # per-layer partial ablation (None: weight 1 everywhere)
+
+    def weight(self, component: Component, layer: int) -> float:
+        return 1.0 if self.weights is None else self.weights.weight(component, layer)
 
 
 def read_config(folder: Path) -> dict[str, object]:
@@ -122,7 +157,9 @@ def is_tied(config: dict[str, object], checkpoint: Checkpoint, arch: Architectur
     return arch.lm_head_tensor not in checkpoint.tensors
 
 
-def make_plan(checkpoint: Checkpoint, config: dict[str, object], hidden_size: int) -> EditPlan:
+def make_plan(
+    checkpoint: Checkpoint, config: dict[str, object], hidden_size: int, *, norm_preserving: bool = False
+) -> EditPlan:
     """Classify every tensor and check the writers' shapes against the config."""
     arch = lookup(str(config["model_type"]))
     edits: dict[str, tuple[Component, int]] = {}
@@ -152,7 +189,7 @@ def make_plan(checkpoint: Checkpoint, config: dict[str, object], hidden_size: in
         raise CheckpointError(
             "no attention or MLP output tensors found", hint="the checkpoint does not match its model_type"
         )
-    return EditPlan(arch, edits, is_tied(config, checkpoint, arch))
+    return EditPlan(arch, edits, is_tied(config, checkpoint, arch), norm_preserving)
 
 
 def direction_for(
@@ -172,7 +209,9 @@ def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tens
     tensor = checkpoint.get(name)
     direction = direction_for(plan, checkpoint, component, layer, r)
     try:
-        return project_out(tensor, direction, hidden_axis(component, tensor.dim()))
+        axis = hidden_axis(component, tensor.dim())
+        weight = plan.weight(component, layer)
+        return project_out(tensor, direction, axis, rescale=plan.norm_preserving, weight=weight)
     except FloatingPointError:
         raise CheckpointError(
             f"tensor {name!r} holds NaN or Inf values", hint="the source checkpoint is damaged; download it again"
@@ -230,6 +269,18 @@ def copy_side_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
+def _checked_weights(weights: AblationWeights, plan: EditPlan) -> AblationWeights:
+    """Per-layer weights must cover exactly the checkpoint's layers."""
+    n_layers = 1 + max(layer for _component, layer in plan.edits.values())
+    if weights.n_layers != n_layers:
+        raise CheckpointError(
+            f"the direction's ablation weights cover {weights.n_layers} layers, the checkpoint has {n_layers}",
+            hint="use a direction made for this model",
+        )
+    log.info("partial edit with per-layer ablation weights (embedding %.3g)", weights.embedding)
+    return weights
+
+
 def write_checkpoint(
     checkpoint: Checkpoint, config: dict[str, object], direction: Direction, out: Path, max_shard_size: int
 ) -> EditPlan:
@@ -240,7 +291,11 @@ def write_checkpoint(
             f"the direction has {direction.hidden_size} dimensions, the model's hidden_size is {hidden_size}",
             hint="use a direction computed on this model (or one of the same family and size)",
         )
-    plan = make_plan(checkpoint, config, hidden_size)
+    plan = make_plan(checkpoint, config, hidden_size, norm_preserving=direction.method == NORM_PRESERVING)
+    if plan.norm_preserving:
+        log.info("norm-preserving edit: every edited weight vector is rescaled to its original norm")
+    if direction.weights is not None:
+        plan = replace(plan, weights=_checked_weights(direction.weights, plan))
     if plan.tied:
         log.info(
             "tied embeddings: writing the original embedding as %s and setting tie_word_embeddings=false, "

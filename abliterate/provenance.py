@@ -168,6 +168,7 @@ def _edit_record(plan: EditPlan) -> dict[str, Any]:
         "tied_embeddings": plan.tied,
         "post_norms": plan.arch.post_norms is not None,
         "norm_offset": plan.arch.norm_offset,
+        "norm_preserving": plan.norm_preserving,
         "components": counts,
         "tensors": tensors,
     }
@@ -182,6 +183,7 @@ def _direction_record(direction: Direction) -> dict[str, Any]:
         "method": direction.method,
         "source_model": direction.source_model,
         "hidden_size": direction.hidden_size,
+        **({"weights": direction.weights.to_dict()} if direction.weights is not None else {}),
     }
 
 

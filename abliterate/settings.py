@@ -50,10 +50,11 @@ class Settings(BaseModel):
     pos: int | None = Field(
         None, le=-1, description="Use this post-instruction position, e.g. -1 (skips the position search)."
     )
-    method: Literal["standard", "projected"] = Field(
+    method: Literal["standard", "projected", "norm-preserving"] = Field(
         "projected",
         description="standard: raw difference in means (the paper); "
-        "projected: also remove its component along the harmless mean.",
+        "projected: also remove its component along the harmless mean; "
+        "norm-preserving: the projected direction, and every edited weight vector keeps its norm (docs/method.md).",
     )
     kl_threshold: float = Field(0.1, gt=0, description="Selection keeps candidates whose first-token KL is below this.")
     prune_layers: float = Field(0.2, ge=0, lt=1, description="Fraction of final layers never selected.")

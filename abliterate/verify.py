@@ -4,7 +4,10 @@ Two checks. Every output file listed in provenance still has its recorded sha256
 into the residual stream (re-derived with the architecture registry, exactly as the edit planned it, and
 compared with the list in provenance) is orthogonal to the direction along its hidden axis: for a matrix W
 and the direction u it was edited against (r itself, or normalize(r * (1 + w)) for post-norm families),
-leak = |u . W| / |W| must be below a tolerance that allows for the rounding of the stored dtype.
+leak = |u . W| / |W| must be below a tolerance that allows for the rounding of the stored dtype. This holds
+for norm-preserving edits too (rescaling a column or row keeps it orthogonal to u), so verify does not need
+to know the method. Tensors of a partial edit (an ablation weight other than 1, from `abliterate optimize`)
+keep part of the component by design and are skipped.
 
 Tolerance: the edit is computed in float32 and rounded once to the stored dtype, so each stored element
 is within e |w_i| of the exact result (e: the dtype's unit roundoff, 2^-8 for bf16; floored at 2^-17 to
@@ -137,8 +140,11 @@ def check_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, lis
     if listed != set(plan.edits):
         missing, extra = sorted(set(plan.edits) - listed), sorted(listed - set(plan.edits))
         problems.append(f"edited tensors differ from provenance.json (unlisted: {missing[:3]}, absent: {extra[:3]})")
-    r, worst = direction.vector.to(torch.float32), 0.0
+    r, worst, partial = direction.vector.to(torch.float32), 0.0, 0
     for name, (component, layer) in sorted(plan.edits.items()):
+        if direction.weights is not None and direction.weights.weight(component, layer) != 1.0:
+            partial += 1  # a partial edit (weight w) keeps (1 - w) of the component: nothing to check
+            continue
         tensor = checkpoint.get(name)
         u = edit_direction(plan, checkpoint, component, layer, r)
         found = leak(tensor, u, hidden_axis(component, tensor.dim()))
@@ -150,7 +156,10 @@ def check_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, lis
             )
         elif found.tolerance > 0:
             worst = max(worst, found.value / found.tolerance)
-    return len(plan.edits), worst, problems
+    if partial:
+        log.info("%d tensors were edited with ablation weights other than 1: their orthogonality is not checked",
+                 partial)
+    return len(plan.edits) - partial, worst, problems
 
 
 def verify(folder: Path) -> VerifyReport:

@@ -14,7 +14,17 @@ from abliterate.archs import lookup
 from abliterate.checkpoint import Checkpoint
 from abliterate.direction import Direction
 from abliterate.hooks import directional_ablation
-from abliterate.orthogonalize import apply_direction, post_norm_direction, project_out
+from abliterate.orthogonalize import (
+    apply_direction,
+    direction_for,
+    hidden_axis,
+    make_plan,
+    post_norm_direction,
+    project_out,
+    read_config,
+)
+from abliterate.provenance import read_provenance
+from abliterate.verify import verify
 
 HIDDEN = 32
 
@@ -100,3 +110,115 @@ def test_projection_math() -> None:
     u = post_norm_direction(r, gain, 1.0)
     y = project_out(torch.randn(5, 16), u, axis=1)
     assert torch.allclose((y * (1 + gain)) @ r, torch.zeros(5), atol=1e-5)
+
+
+# --- norm-preserving edit ----------------------------------------------------------------------------------
+
+
+def test_norm_preserving_projection_math() -> None:
+    torch.manual_seed(0)
+    r = torch.randn(16)
+    r /= r.norm()
+    w = torch.randn(16, 40)
+    w[:, 0] = 3.0 * r  # a column entirely along r: nothing left to rescale, stays (almost) zero
+    edited = project_out(w, r, axis=0, rescale=True)
+    assert float((r @ edited).abs().max()) < 1e-5
+    assert torch.allclose(edited[:, 1:].norm(dim=0), w[:, 1:].norm(dim=0), rtol=1e-5)
+    assert float(edited[:, 0].norm()) < 1e-5
+    # Each column is the projected column, rescaled: same direction as the plain edit.
+    plain = project_out(w, r, axis=0)
+    cosine = (edited * plain).sum(0)[1:] / (edited.norm(dim=0) * plain.norm(dim=0))[1:]
+    assert torch.allclose(cosine, torch.ones(39), atol=1e-5)
+    emb = torch.randn(50, 16)
+    rows = project_out(emb, r, axis=1, rescale=True)
+    assert float((rows @ r).abs().max()) < 1e-5
+    assert torch.allclose(rows.norm(dim=1), emb.norm(dim=1), rtol=1e-5)
+    bias = torch.randn(16)  # biases are only projected
+    assert torch.equal(project_out(bias, r, axis=0, rescale=True), project_out(bias, r, axis=0))
+    stack = torch.randn(3, 16, 8)  # fused experts: every expert's columns
+    edited_stack = project_out(stack, r, axis=1, rescale=True)
+    assert torch.allclose(edited_stack.norm(dim=1), stack.norm(dim=1), rtol=1e-5)
+    assert float(torch.einsum("h,ehi->ei", r, edited_stack).abs().max()) < 1e-5
+
+
+def test_norm_preserving_direction_is_the_projected_one() -> None:
+    from abliterate.directions import make_candidates
+
+    torch.manual_seed(0)
+    harmful, harmless = torch.randn(2, 3, HIDDEN, dtype=torch.float64), torch.randn(2, 3, HIDDEN, dtype=torch.float64)
+    sink = torch.randn(3, HIDDEN, dtype=torch.float64)
+    projected = make_candidates(harmful, harmless, sink, "projected")
+    preserving = make_candidates(harmful, harmless, sink, "norm-preserving")
+    assert torch.equal(projected.vectors, preserving.vectors) and preserving.method == "norm-preserving"
+    assert not torch.equal(projected.vectors, make_candidates(harmful, harmless, sink, "standard").vectors)
+
+
+def _edit_norm_preserving(tmp_path: Path, family: str, tied: bool, extra: dict[str, object] | None = None) -> Path:
+    source, out = tmp_path / "source", tmp_path / "out"
+    build(family, source, tied=tied, extra=extra)
+    r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
+    plan = apply_direction(source, Direction(r, method="norm-preserving"), out, max_shard_size=40_000)
+    assert plan.norm_preserving
+    return out
+
+
+def _check_norm_preserving(source_dir: Path, out: Path) -> None:
+    """Every edited tensor: orthogonal to its u; matrices keep per-vector norms; biases are projected only."""
+    source, result = Checkpoint.open(source_dir), Checkpoint.open(out)
+    direction = Direction.load(out)
+    plan = make_plan(source, read_config(source_dir), HIDDEN, norm_preserving=True)
+    for name, (component, layer) in plan.edits.items():
+        before, after = source.get(name), result.get(name)
+        u = direction_for(plan, source, component, layer, direction.vector)
+        axis = hidden_axis(component, before.dim())
+        coefficient = torch.tensordot(after, u, dims=([axis], [0]))
+        assert float(coefficient.abs().max()) < 1e-5 * float(after.abs().max()), name
+        if before.dim() == 1:
+            assert torch.allclose(after, project_out(before, u, axis), atol=1e-7), name
+        else:
+            assert torch.allclose(after.norm(dim=axis), before.norm(dim=axis), rtol=1e-5, atol=0), name
+            assert not torch.allclose(after, project_out(before, u, axis), atol=1e-4), name  # rescaled
+    for name in source.tensors:
+        if name not in plan.edits:
+            assert b"".join(source.iter_raw(name)) == b"".join(result.iter_raw(name)), name
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_norm_preserving_edit(tmp_path: Path, family: str, tied: bool) -> None:
+    out = _edit_norm_preserving(tmp_path, family, tied)
+    _check_norm_preserving(tmp_path / "source", out)
+    arch, result = lookup(family), Checkpoint.open(out)
+    if tied:  # untied exactly as in the plain edit: the original embedding is the unembedding
+        embedding = b"".join(Checkpoint.open(tmp_path / "source").iter_raw(arch.embedding_tensor))
+        assert b"".join(result.iter_raw(arch.lm_head_tensor)) == embedding
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    record = read_provenance(out)
+    assert record["edit"]["norm_preserving"] is True and record["direction"]["method"] == "norm-preserving"
+    assert verify(out).worst < 1.0
+    # No residual state of the edited model carries r (post-norm families: through u, as in the plain edit).
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden_states = edited(ids, output_hidden_states=True).hidden_states[:-1]
+    r = Direction.load(out).vector
+    for hidden in hidden_states:
+        assert float(((hidden @ r).abs() / hidden.norm(dim=-1)).max()) < 1e-5
+
+
+def test_norm_preserving_output_biases_are_projected_not_rescaled(tmp_path: Path) -> None:
+    out = _edit_norm_preserving(tmp_path, "llama", False, extra={"attention_bias": True, "mlp_bias": True})
+    biases = [n for n in Checkpoint.open(out).tensors if n.endswith(("o_proj.bias", "down_proj.bias"))]
+    assert len(biases) == 6
+    _check_norm_preserving(tmp_path / "source", out)
+
+
+def test_norm_preserving_bfloat16_passes_verify(tmp_path: Path) -> None:
+    source, out = tmp_path / "source", tmp_path / "out"
+    build("gemma2", source, dtype=torch.bfloat16)
+    apply_direction(source, Direction(torch.randn(HIDDEN), method="norm-preserving"), out, max_shard_size=40_000)
+    assert verify(out).worst < 1.0
+    before, after = Checkpoint.open(source), Checkpoint.open(out)
+    name = "model.layers.1.mlp.down_proj.weight"
+    ratio = after.get(name).float().norm(dim=0) / before.get(name).float().norm(dim=0)
+    assert float((ratio - 1).abs().max()) < 1e-2  # bf16 rounding only

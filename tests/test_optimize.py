@@ -1,0 +1,252 @@
+"""`abliterate optimize` on tiny random models: weighted hooks and weighted checkpoints agree, hooks come off,
+the study resumes without repeating trials, and `--pick` writes a loadable checkpoint with its weights.
+
+Tiny random models refuse nothing, so these tests check the mechanics, not that refusal goes down.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from test_cli import assert_one_line_error, run
+from tiny_models import build, save_tokenizer
+from transformers import AutoModelForCausalLM
+
+from abliterate.archs import lookup
+from abliterate.checkpoint import Checkpoint
+from abliterate.direction import AblationWeights, Direction
+from abliterate.hooks import directional_ablation, weighted_ablation
+from abliterate.optimize import (
+    STUDY_DB,
+    STUDY_NAME,
+    LayerDirections,
+    TrialParams,
+    WeightProfile,
+    default_study,
+    prepare_study,
+)
+from abliterate.orthogonalize import apply_direction
+from abliterate.pareto import Profile, TrialRow, pareto_front
+
+HIDDEN, LAYERS = 32, 3
+FAST = [
+    "--langs", "en,de", "--n-train", "8", "--n-val", "4", "--screen-prompts", "2", "--finalists", "2",
+    "--batch-size", "8", "--refusal-tokens", "I", "--trial-prompts", "2", "--kl-prompts", "2",
+    "--max-new-tokens", "4", "--no-plots",
+]  # fmt: skip
+
+
+def _unit(seed: int) -> torch.Tensor:
+    r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed))
+    return r / r.norm()
+
+
+def _weights(seed: int) -> AblationWeights:
+    w = (torch.rand(1 + 2 * LAYERS, generator=torch.Generator().manual_seed(seed)) * 1.5).tolist()
+    return AblationWeights(w[0], tuple(w[1 : 1 + LAYERS]), tuple(w[1 + LAYERS :]))
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+# --- weighted hooks and the weighted streaming edit ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "tied"), [("llama", True), ("llama", False), ("qwen2", False), ("phi3", False), ("qwen2_moe", True)]
+)
+def test_weighted_hooks_equal_weighted_checkpoint(tmp_path: Path, family: str, tied: bool) -> None:
+    model = build(family, tmp_path / "source", tied=tied)
+    r, weights = _unit(1), _weights(3)
+    apply_direction(tmp_path / "source", Direction(r, weights=weights), tmp_path / "out", max_shard_size=40_000)
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        with weighted_ablation(model, lookup(family), r, weights):
+            hooked = model(_ids()).logits
+        original = model(_ids()).logits
+        result = edited(_ids()).logits
+    assert float((result - hooked).abs().max()) < 1e-4
+    assert float((result - original).abs().max()) > 1e-3
+
+
+def test_weight_one_everywhere_is_exactly_the_plain_edit(tmp_path: Path) -> None:
+    model = build("llama", tmp_path / "source", tied=True)
+    r = _unit(1)
+    ones = AblationWeights(1.0, (1.0,) * LAYERS, (1.0,) * LAYERS)
+    apply_direction(tmp_path / "source", Direction(r), tmp_path / "plain", max_shard_size=40_000)
+    apply_direction(tmp_path / "source", Direction(r, weights=ones), tmp_path / "ones", max_shard_size=40_000)
+    shards = sorted(p.name for p in (tmp_path / "plain").glob("model-*.safetensors"))
+    assert shards
+    for name in shards:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "ones" / name).read_bytes()
+    arch = lookup("llama")
+    with torch.no_grad():
+        with directional_ablation(model, arch, r):
+            plain = model(_ids()).logits
+        with weighted_ablation(model, arch, r, ones):
+            weighted = model(_ids()).logits
+    assert torch.equal(plain, weighted)
+
+
+def test_post_norm_partial_edit_interpolates_to_the_full_edit(tmp_path: Path) -> None:
+    build("gemma2", tmp_path / "source")
+    r = _unit(1)
+    full = AblationWeights(1.0, (1.0,) * LAYERS, (1.0,) * LAYERS)
+    half = AblationWeights(0.5, (0.5,) * LAYERS, (0.5,) * LAYERS)
+    apply_direction(tmp_path / "source", Direction(r, weights=full), tmp_path / "full", max_shard_size=40_000)
+    apply_direction(tmp_path / "source", Direction(r, weights=half), tmp_path / "half", max_shard_size=40_000)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    source, w_full, w_half = (Checkpoint.open(tmp_path / f).get(name) for f in ("source", "full", "half"))
+    assert torch.allclose(w_half, (source + w_full) / 2, atol=1e-6)  # W - w u u^T W is linear in w
+
+
+def test_hooks_are_removed_after_a_trial_even_on_error(tmp_path: Path) -> None:
+    model = build("llama", tmp_path / "source")
+    arch = lookup("llama")
+    with torch.no_grad():
+        before = model(_ids()).logits
+        with weighted_ablation(model, arch, _unit(1), _weights(3)):
+            assert not torch.equal(model(_ids()).logits, before)
+        assert torch.equal(model(_ids()).logits, before)
+        with pytest.raises(RuntimeError), weighted_ablation(model, arch, _unit(1), _weights(3)):
+            raise RuntimeError("trial failed")
+        assert torch.equal(model(_ids()).logits, before)
+
+
+def test_zero_weights_register_no_hook(tmp_path: Path) -> None:
+    model = build("llama", tmp_path / "source")
+    zeros = AblationWeights(0.0, (0.0,) * LAYERS, (0.0,) * LAYERS)
+    with torch.no_grad():
+        before = model(_ids()).logits
+        with weighted_ablation(model, lookup("llama"), _unit(1), zeros):
+            assert torch.equal(model(_ids()).logits, before)
+
+
+def test_direction_file_keeps_the_weights(tmp_path: Path) -> None:
+    weights = _weights(5)
+    path = Direction(_unit(1), layer=2, weights=weights).save(tmp_path / "d.safetensors")
+    loaded = Direction.load(path)
+    assert loaded.weights == weights and loaded.extra == {}
+    assert Direction.load(Direction(_unit(1)).save(tmp_path / "plain.safetensors")).weights is None
+
+
+# --- the search space ------------------------------------------------------------------------------------------
+
+
+def test_fractional_layer_interpolates_neighbouring_directions() -> None:
+    vectors = torch.stack([torch.zeros(HIDDEN), 3 * _unit(1), 0.5 * _unit(2)])
+    dirs = LayerDirections(vectors, -1, 1, "en", "projected", "m")
+    assert torch.allclose(dirs.at(1.0), _unit(1))
+    assert torch.allclose(dirs.at(2.0), _unit(2))
+    middle = dirs.at(1.5)
+    assert math.isclose(float(middle.norm()), 1.0, rel_tol=1e-6)
+    expected = (_unit(1) + _unit(2)) / (_unit(1) + _unit(2)).norm()  # each neighbour normalised first
+    assert torch.allclose(middle, expected, atol=1e-6)
+
+
+def test_reference_trial_is_weight_one_everywhere() -> None:
+    params = TrialParams.from_params(TrialParams.reference(7))
+    weights = params.weights(12)
+    assert params.layer == 7.0 and weights.is_full()
+    peaked = WeightProfile(peak=0.8, pos=4.0, falloff=6.0)
+    assert peaked.weight(4.0, 12) == 0.8
+    assert peaked.weight(0.0, 12) < peaked.weight(3.0, 12) < 0.8  # falls off with distance from the peak
+    assert math.isinf(WeightProfile(1.0, 0.0, 0.0).profile(12).width)
+
+
+def test_pareto_front_keeps_only_undominated_trials() -> None:
+    flat = Profile(1.0, 0.0, math.inf)
+
+    def row(number: int, refusal: float, kl: float) -> TrialRow:
+        return TrialRow(number, refusal, kl, 1.0, flat, flat, 1.0, reference=number == 0)
+
+    rows = [row(0, 0.5, 0.1), row(1, 0.4, 0.1), row(2, 0.6, 0.01), row(3, 0.7, 0.2), row(4, 0.4, 0.1)]
+    assert [r.number for r in pareto_front(rows)] == [1, 4, 2]
+    assert rows[1].dominates(rows[0]) and not rows[1].dominates(rows[4])
+
+
+def test_interrupted_trials_are_failed_and_the_reference_requeued() -> None:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    prepare_study(study, default_layer=2)
+    interrupted = study.ask()  # the enqueued reference, left running by a killed process
+    assert interrupted.user_attrs.get("reference")
+    prepare_study(study, default_layer=2)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[1].params == {} and study.trials[1].user_attrs == {"reference": True}
+
+
+def test_default_study_folder_is_named_after_the_model() -> None:
+    assert default_study("HuggingFaceTB/SmolLM2-135M-Instruct") == Path("optimize-SmolLM2-135M-Instruct")
+    assert default_study("/models/llama 3/") == Path("optimize-llama-3")
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "llama-chat"
+    build("llama", folder, tied=True)
+    save_tokenizer(folder)
+    return folder
+
+
+def _trials(study: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{study / STUDY_DB}"
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage).get_trials()
+
+
+def test_study_resumes_and_pick_writes_a_checkpoint(tiny_chat: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    first = run("optimize", tiny_chat, "--trials", "2", "--study", study, *FAST, check=True)
+    assert "reference (paper default)" in first.stdout
+    done = _trials(study)
+    assert [t.number for t in done] == [0, 1] and done[0].user_attrs["reference"]
+    assert done[0].params == TrialParams.reference(int(done[0].params["layer"]))
+
+    again = run("optimize", tiny_chat, "--trials", "3", "--study", study, *FAST, check=True)
+    assert "(1 run now)" in again.stdout
+    resumed = _trials(study)
+    assert len(resumed) == 3 and [t.params for t in resumed[:2]] == [t.params for t in done]
+
+    report = json.loads((study / "pareto.json").read_text())
+    assert report["finished_trials"] == 3 and report["front"] and report["reference"]["number"] == 0
+    assert (study / "pareto.md").read_text().count("| 0 |") == 1
+
+    out = tmp_path / "picked"
+    run("optimize", tiny_chat, "--study", study, "--pick", "2", "--out", out, check=True)
+    assert len(_trials(study)) == 3  # picking runs no trial
+    direction = Direction.load(out)
+    expected = TrialParams.from_params(resumed[2].params).weights(LAYERS)
+    assert direction.weights == expected and direction.extra["optimize_trial"] == "2"
+    provenance = json.loads((out / "abliterate" / "provenance.json").read_text())
+    assert provenance["direction"]["weights"] == expected.to_dict()
+    assert json.loads((out / "abliterate" / "optimize.json").read_text())["trial"]["number"] == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(_ids()).logits).all()
+    run("verify", out, check=True)
+
+
+def test_bad_optimize_options_fail_in_one_line(tiny_chat: Path, tmp_path: Path) -> None:
+    assert_one_line_error(run("optimize", tiny_chat, "--pick", "1", "--study", tmp_path / "s"), "--pick needs --out")
+    no_study = run("optimize", tiny_chat, "--pick", "1", "--out", tmp_path / "o", "--study", tmp_path / "none")
+    assert_one_line_error(no_study, "no study in")
+    method = run("optimize", tiny_chat, "--method", "norm-preserving", "--study", tmp_path / "s")
+    assert_one_line_error(method, "norm-preserving")
+
+
+def test_resuming_with_other_settings_is_refused(tiny_chat: Path, tmp_path: Path) -> None:
+    study = tmp_path / "study"
+    run("optimize", tiny_chat, "--trials", "1", "--study", study, *FAST, check=True)
+    other = [*FAST]
+    other[other.index("en,de")] = "en"
+    done = run("optimize", tiny_chat, "--trials", "2", "--study", study, *other)
+    assert_one_line_error(done, "langs")
+    assert len(_trials(study)) == 1
