@@ -1,0 +1,238 @@
+"""`abliterate crosslingual`: per-language directions, their cosines, PCA, transfer matrix, plots and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from tiny_models import BYTE_VOCAB, build, save_tokenizer
+
+from abliterate.cli import cli
+from abliterate.crosslingual import (
+    ANSWERS_FILE,
+    BASELINE,
+    PLOT_FILES,
+    REPORT_FILE,
+    CrosslingualOptions,
+    pca_2d,
+    run_crosslingual,
+)
+from abliterate.direction import Direction
+from abliterate.errors import DataError, UsageError
+from abliterate.prompts import KINDS
+from abliterate.settings import Settings
+
+FAST = dict(n_train=4, n_val=2, screen_prompts=2, finalists=2, batch_size=16)
+LANGS = ["en", "de", "th"]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("crosslingual") / "tiny"
+    build("llama", folder, extra=dict(vocab_size=BYTE_VOCAB, max_position_embeddings=2048))
+    save_tokenizer(folder, byte_level=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("xl") / "out"
+    settings = Settings(model=str(tiny_chat), out=out, **FAST)
+    run_crosslingual(settings, CrosslingualOptions.parse(",".join(LANGS), n_prompts=3, max_new_tokens=3))
+    return out
+
+
+def _report(folder: Path) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+    return report
+
+
+def _check_images(folder: Path, names: list[str]) -> None:
+    for name in names:
+        with Image.open(folder / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+        with Image.open(folder / name) as image:
+            assert image.size[0] > 200 and image.size[1] > 200
+
+
+def test_report_structure(tiny_run: Path) -> None:
+    report = _report(tiny_run)
+    assert report["languages"] == LANGS
+    assert report["chosen_by"] == "selection on en"
+    assert 1 <= report["layer"] < 3 and report["pos"] < 0
+    assert set(report["prompts"]) == set(LANGS)
+    assert report["plots"] == list(PLOT_FILES.values())
+    _check_images(tiny_run, report["plots"])
+
+
+def test_cosine_matrix_is_symmetric_with_unit_diagonal(tiny_run: Path) -> None:
+    matrix = _report(tiny_run)["cosine"]["matrix"]
+    assert len(matrix) == len(LANGS) and all(len(row) == len(LANGS) for row in matrix)
+    for i in range(len(LANGS)):
+        assert matrix[i][i] == pytest.approx(1.0, abs=1e-4)
+        for j in range(len(LANGS)):
+            assert matrix[i][j] == pytest.approx(matrix[j][i], abs=1e-4)
+            assert -1.0 - 1e-4 <= matrix[i][j] <= 1.0 + 1e-4
+
+
+def test_per_layer_cosines(tiny_run: Path) -> None:
+    report = _report(tiny_run)
+    per_layer = report["per_layer_cosine"]
+    assert per_layer["layers"] == [0, 1, 2] and per_layer["pos"] == report["pos"]
+    layer = report["layer"]
+    for i, source in enumerate(LANGS):
+        assert set(per_layer["curves"][source]) == set(LANGS)
+        for j, target in enumerate(LANGS):
+            curve = per_layer["curves"][source][target]
+            assert len(curve) == 3
+            assert curve[0] is None  # layer 0: template-token embeddings are identical, the difference is zero
+            assert curve[layer] == pytest.approx(report["cosine"]["matrix"][i][j], abs=1e-3)
+
+
+def test_pca_coordinates(tiny_run: Path) -> None:
+    report = _report(tiny_run)
+    for lang in LANGS:
+        pca = report["pca"][lang]
+        assert len(pca["harmful"]) == report["prompts"][lang]["harmful_train"]
+        assert len(pca["harmless"]) == report["prompts"][lang]["harmless_train"]
+        assert all(len(point) == 2 for point in pca["harmful"] + pca["harmless"])
+        assert set(pca["arrows"]) == set(LANGS)
+        ratios = pca["explained_variance_ratio"]
+        assert len(ratios) == 2 and 0 <= ratios[1] <= ratios[0] <= 1
+        # the axes are oriented so that the language's own difference points to +x
+        assert pca["harmful_centroid"][0] >= pca["harmless_centroid"][0]
+
+
+def test_transfer_matrix(tiny_run: Path) -> None:
+    transfer = _report(tiny_run)["transfer"]
+    assert transfer["rows"] == [BASELINE, *LANGS] and transfer["columns"] == LANGS
+    for table in ("compliance", "refusal_rate", "n"):
+        assert len(transfer[table]) == len(LANGS) + 1 and all(len(r) == len(LANGS) for r in transfer[table])
+    assert all(n == 3 for row in transfer["n"] for n in row)
+    for c_row, r_row in zip(transfer["compliance"], transfer["refusal_rate"], strict=True):
+        for c, r in zip(c_row, r_row, strict=True):
+            assert c == pytest.approx(1 - r) and 0 <= c <= 1
+    assert transfer["generations"] == (len(LANGS) + 1) * len(LANGS) * 3
+    assert len(transfer["cells"]) == (len(LANGS) + 1) * len(LANGS)
+    answers = (tiny_run / ANSWERS_FILE).read_text(encoding="utf-8").splitlines()
+    assert len(answers) == transfer["generations"]
+    assert {"source", "target", "prompt", "answer", "refusal"} <= set(json.loads(answers[0]))
+
+
+def test_pca_2d_recovers_the_main_axis() -> None:
+    torch.manual_seed(0)
+    points = torch.randn(50, 6, dtype=torch.float64) * 0.01
+    points[:, 2] += torch.linspace(-5, 5, 50, dtype=torch.float64)
+    _, components, coords, ratios = pca_2d(points)
+    assert abs(float(components[0, 2])) > 0.999
+    assert ratios[0] > 0.99 and coords.shape == (50, 2)
+
+
+def test_site_from_flags_and_direction_file(tiny_chat: Path, tmp_path: Path) -> None:
+    flags = Settings(model=str(tiny_chat), out=tmp_path / "flags", layer=2, pos=-1, **FAST)
+    options = CrosslingualOptions.parse("en,fr", transfer=False, plots=False)
+    report = run_crosslingual(flags, options).report
+    assert (report["layer"], report["pos"], report["chosen_by"]) == (2, -1, "--layer/--pos")
+    assert "transfer" not in report and report["plots"] == []
+    assert not (tmp_path / "flags" / ANSWERS_FILE).exists()
+
+    path = Direction(torch.ones(32), layer=1, pos=-2).save(tmp_path / "d.safetensors")
+    from_file = Settings(model=str(tiny_chat), out=tmp_path / "file", **FAST)
+    options = CrosslingualOptions.parse("en,fr", direction_file=path, transfer=False, plots=False)
+    report = run_crosslingual(from_file, options).report
+    assert (report["layer"], report["pos"]) == (1, -2)
+    assert set(report["direction_file_cosine"]) == {"en", "fr"}
+
+
+def test_option_errors() -> None:
+    with pytest.raises(UsageError, match="unknown language"):
+        CrosslingualOptions.parse("en,xx")
+    with pytest.raises(UsageError, match="at least two"):
+        CrosslingualOptions.parse("en,en")
+    with pytest.raises(UsageError, match="unknown language"):
+        CrosslingualOptions.parse("en,de", source_lang="klingon")
+    assert CrosslingualOptions.parse("all").langs[:2] == ["ar", "de"]
+    assert CrosslingualOptions.parse(" DE, en ", source_lang="en").source_lang == "en"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--langs", "en,xx"], "unknown language code 'xx'"),
+        (["--langs", "en"], "at least two languages"),
+        (["--layer", "7", "--pos", "-1"], "--layer 7 is out of range"),
+        (["--layer", "1", "--pos", "-99"], "--pos -99 is out of range"),
+        (["--direction", "missing.safetensors"], "direction file missing.safetensors not found"),
+        (["--layer", "0", "--pos", "-1"], "difference in means is zero at layer 0"),
+    ],
+)
+def test_cli_errors(tiny_chat: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    args = ["crosslingual", str(tiny_chat), "--langs", "en,de", "--out", str(tmp_path / "o"), "--n-train", "2"]
+    result = CliRunner().invoke(cli, [*args, "--no-transfer", "--no-plots", *extra])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, UsageError)
+    assert message in result.exception.one_line()
+    assert result.exception.hint
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_language_in_prompt_source_fails_before_loading(tmp_path: Path) -> None:
+    source = tmp_path / "en_only.jsonl"
+    rows = [{"instruction": f"q{i}", "kind": k, "split": split, "lang": "en"}
+            for i in range(3) for k in KINDS for split in ("train", "val", "test")]
+    source.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    settings = Settings(model=str(tmp_path / "no-such-model"), out=tmp_path / "o", prompts=str(source))
+    with pytest.raises(DataError, match="no harmful prompts for language 'de'"):
+        run_crosslingual(settings, CrosslingualOptions.parse("en,de", transfer=False))
+
+
+def test_cli_prints_the_matrices(tiny_chat: Path, tmp_path: Path) -> None:
+    args = ["crosslingual", str(tiny_chat), "--langs", "en,de", "--out", str(tmp_path / "o"), "--layer", "1",
+            "--pos", "-1", "--n-train", "2", "--n-prompts", "2", "--max-new-tokens", "2", "--no-plots"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "layer 1, position -1 (--layer/--pos)" in result.output
+    assert "cosine similarity" in result.output and "compliance" in result.output
+    report = _report(tmp_path / "o")
+    assert report["transfer"]["n"] == [[2, 2]] * 3
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "already exists" in str(again.exception)
+
+
+# --- the model organism --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_organism_directions_agree_across_languages(tmp_path: Path) -> None:
+    from abliterate.organism import build_organism
+
+    folder = build_organism()
+    out = tmp_path / "organism"
+    # the normal selection on en, restricted to the last position to keep the test short
+    settings = Settings(
+        model=str(folder), out=out, dtype="float32", device="cpu", n_train=32, n_val=8, screen_prompts=4,
+        finalists=3, pos=-1, batch_size=48,
+    )
+    start = time.perf_counter()
+    result = run_crosslingual(settings, CrosslingualOptions.parse("en,de,fr", n_prompts=16, max_new_tokens=48))
+    seconds = time.perf_counter() - start
+    report = _report(out)
+    matrix = report["cosine"]["matrix"]
+    transfer = report["transfer"]
+    print(f"\ncrosslingual on the organism: {seconds:.0f} s, layer {report['layer']}, pos {report['pos']}")
+    print("cosine", json.dumps(matrix), "\ncompliance", json.dumps(transfer["compliance"]))
+    assert result.plots == list(PLOT_FILES.values())
+    _check_images(out, result.plots)
+    assert all(value > 0 for row in matrix for value in row)  # en, de and fr share the refusal direction
+    baseline = transfer["compliance"][0]
+    for i in range(3):
+        assert transfer["compliance"][i + 1][i] > baseline[i]  # ablating a language's own direction helps it
+    assert not any(math.isnan(v) for row in transfer["compliance"] for v in row)
