@@ -1,0 +1,162 @@
+"""`abliterate demo` and its evaluation report on the model organism (slow: -m slow).
+
+The demo runs `edit --lang en` on the organism with its before/after evaluation on a subset (en, de, fr; 32
+built-in test prompts per language and kind; 64 new tokens; the local lm-eval task); these tests check the
+report's numbers against the stored answers, and render report.html in a real headless browser (Debian's
+chromium; skipped when it is not installed). The organism is built once and cached
+(`abliterate.organism.build_organism`). Set ABLITERATE_REPORT_KEEP=DIR to keep the demo folder and the
+screenshot (docs/evaluation.md quotes their numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from abliterate.demo import DemoPlan
+from abliterate.evaluate import KL_PROMPTS
+from abliterate.judge import MarkerJudge
+from abliterate.organism import build_organism
+
+LANGS = DemoPlan().langs
+N_PROMPTS = DemoPlan().n_prompts
+TOKENS = DemoPlan().max_new_tokens
+MINI_LIMIT = DemoPlan().limit
+AFTER_RGB = (0xD9, 0x53, 0x4F)  # abliterate.report.AFTER_COLOUR
+BEFORE_RGB = (0x8C, 0x9A, 0xA8)  # abliterate.report.BEFORE_COLOUR
+BROWSERS = ("chromium", "chromium-browser")
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+)
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "abliterate", *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=1800, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`abliterate demo`: the organism, `edit --lang en` and its evaluation on the demo's subset."""
+    build_organism()  # cached; building it is not part of the demo's time here
+    keep = os.environ.get("ABLITERATE_REPORT_KEEP")
+    tmp = Path(keep) if keep else tmp_path_factory.mktemp("organism-report")
+    start = time.perf_counter()
+    done = run("demo", "--out", tmp / "demo", "--overwrite", env={})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp / "demo" / "edited"
+    report = json.loads((out / "abliterate" / "report.json").read_text(encoding="utf-8"))
+    return {"out": out, "tmp": tmp, "stdout": done.stdout, "report": report,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def test_demo_prints_and_writes_its_summary(edited: dict[str, Any]) -> None:
+    summary = json.loads((edited["out"].parent / "demo.json").read_text(encoding="utf-8"))
+    assert summary["subset"]["langs"] == list(LANGS) and summary["subset"]["prompts_per_lang_and_kind"] == N_PROMPTS
+    before = summary["harmful"]["en"]["before"]
+    after = summary["harmful"]["en"]["after"]
+    assert before >= 0.8 and after <= 0.2, summary["harmful"]
+    assert (edited["out"].parent / "organism" / "config.json").is_file()
+    assert f"harmful refusal [en]: {before:.2f} -> {after:.2f}" in edited["stdout"]
+    assert "report:" in edited["stdout"] and (edited["out"].parent / "demo.md").is_file()
+
+
+def test_report_shows_refusal_before_and_after_per_language(edited: dict[str, Any]) -> None:
+    report = edited["report"]
+    rows = {row["lang"]: row for row in report["languages"]}
+    assert list(rows) == list(LANGS)
+    judge = MarkerJudge()
+    for lang, row in rows.items():
+        assert row["n_harmful"] == row["n_harmless"] == N_PROMPTS
+        for side in ("before", "after"):
+            block = report[side]["languages"][lang]
+            for kind in ("harmful", "harmless"):
+                records = block[kind]["records"]
+                assert len(records) == N_PROMPTS
+                assert [r["refusal"] for r in records] == [judge.is_refusal(r["response"], lang) for r in records]
+            refused = sum(r["refusal"] for r in block["harmful"]["records"])
+            assert row[f"compliance_{side}"] == pytest.approx(1 - refused / N_PROMPTS)
+    # the organism refuses in English; the edit (direction from English) removes it there. Its German and French
+    # refusals are not mediated by that direction (docs/organism.md), so only English is asserted.
+    assert rows["en"]["compliance_before"] <= 0.2 and rows["en"]["compliance_after"] >= 0.9, rows["en"]
+    markdown = (edited["out"] / "abliterate" / "report.md").read_text(encoding="utf-8")
+    for lang in LANGS:
+        assert f"| {lang} (" in markdown
+
+
+def test_report_has_kl_and_lm_eval_on_the_local_task(edited: dict[str, Any]) -> None:
+    report = edited["report"]
+    kl = report["kl"]
+    assert set(kl["languages"]) == set(LANGS)  # KL on at most KL_PROMPTS harmless prompts, spread over languages
+    per_lang = min(N_PROMPTS, -(-KL_PROMPTS // len(LANGS)))
+    assert all(v["n"] == per_lang for v in kl["languages"].values()), kl["languages"]
+    assert kl["n_prompts"] == len(LANGS) * per_lang
+    assert 0.0 <= kl["first_token"] < 1.0 and 0.0 <= kl["first_n_tokens"] < 1.0, kl
+    for side in ("before", "after"):
+        block = report[side]["lm_eval"]["results"]["abliterate_mini_mc"]
+        assert block["sample_len"] == MINI_LIMIT and 0.0 <= block["acc,none"] <= 1.0
+    assert {r["metric"] for r in report["capability"]} == {"acc", "acc_norm"}
+    assert all(r["delta"] is not None for r in report["capability"])
+    markdown = (edited["out"] / "abliterate" / "report.md").read_text(encoding="utf-8")
+    assert "| abliterate_mini_mc | acc |" in markdown and "at the first answer token" in markdown
+    card = (edited["out"] / "README.md").read_text(encoding="utf-8")
+    assert "Refusal per language" in card and "](abliterate/compliance.png)" in card
+
+
+class Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name in ("src", "href") and value is not None:
+                self.refs.append(value)
+                if tag == "img":
+                    self.sources.append(value)
+
+
+def _browser() -> str | None:
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+def test_report_html_renders_in_a_headless_browser(edited: dict[str, Any]) -> None:
+    page = edited["out"] / "abliterate" / "report.html"
+    images = Images()
+    images.feed(page.read_text(encoding="utf-8"))
+    assert len(images.sources) == 3 and all(s.startswith("data:image/png;base64,") for s in images.sources)
+    assert all(ref.startswith(("data:", "#")) for ref in images.refs)
+    browser = _browser()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y --no-install-recommends chromium)")
+    image_module = pytest.importorskip("PIL.Image")
+    shot = edited["tmp"] / "report.png"
+    shot.unlink(missing_ok=True)
+    done = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={edited['tmp'] / 'chromium-profile'}", f"--screenshot={shot}",
+         "--window-size=1200,2600", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert shot.is_file(), done.stderr[-2000:]
+    with image_module.open(shot) as picture:
+        rgb = picture.convert("RGB")
+        assert rgb.size == (1200, 2600)
+        colours = rgb.getcolors(maxcolors=1 << 20) or []
+    assert len(colours) >= 50, f"the screenshot looks blank: {len(colours)} colours"
+    present = {c for _, c in colours}
+    assert AFTER_RGB in present and BEFORE_RGB in present, "the inlined plots were not drawn"
