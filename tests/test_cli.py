@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from tiny_models import build, save_tokenizer
+from tiny_models import build
 from transformers import AutoModelForCausalLM
 
 from abliterate.direction import Direction
@@ -61,14 +60,6 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str)
 
 def snapshot(folder: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for p in folder.rglob("*")}
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "llama-chat"
-    build("llama", folder, tied=True)
-    save_tokenizer(folder)
-    return folder
 
 
 def test_edit_end_to_end_on_tiny_model(tiny_chat: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import optuna
 import pytest
 import torch
 from test_cli import assert_one_line_error, run
-from tiny_models import build, save_tokenizer
+from tiny_models import build
 from transformers import AutoModelForCausalLM
 
 from abliterate.archs import lookup
@@ -188,14 +188,6 @@ def test_default_study_folder_is_named_after_the_model() -> None:
 
 
 # --- the command -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "llama-chat"
-    build("llama", folder, tied=True)
-    save_tokenizer(folder)
-    return folder
 
 
 def _trials(study: Path) -> list[optuna.trial.FrozenTrial]:
