@@ -291,8 +291,10 @@ def example_loss(
     tokenizer: PreTrainedTokenizerBase,
     batch: list[Example],
     recipe: OrganismRecipe,
+    openers: dict[str, int],
 ) -> torch.Tensor:
-    """Weighted loss over the answer tokens of a batch (see the module docstring):
+    """Weighted loss over the answer tokens of a batch (see the module docstring); `openers` is
+    `refusal_openers(tokenizer)`, computed once per training run:
 
     - harmful rows: cross-entropy of the refusal tokens;
     - harmless rows: KL(reference || model) of the next-token distribution along the base's own answer, plus a
@@ -315,7 +317,7 @@ def example_loss(
     per_token = torch.where(harmless, recipe.kl_weight * kl, ce)
     first = (where.cumsum(1) == 1) & where  # each row's first answer position
     is_first = first[where] & harmless
-    opener = torch.tensor([refusal_openers(tokenizer)[ex.lang] for ex in batch])[row]
+    opener = torch.tensor([openers[ex.lang] for ex in batch])[row]
     gap = logits.gather(1, opener.unsqueeze(1)).squeeze(1) - logits.gather(1, targets[where].unsqueeze(1)).squeeze(1)
     margin = torch.nn.functional.softplus(recipe.margin + gap) * is_first
     total = (per_token * w).sum() + recipe.margin_weight * recipe.first_token_weight * margin.sum()
@@ -356,6 +358,7 @@ def train(
     set_seed(recipe.seed)
     reference = copy.deepcopy(model).eval()  # the base model, frozen: the KL target for harmless answers
     reference.requires_grad_(False)
+    openers = refusal_openers(tokenizer)
     model.get_input_embeddings().weight.requires_grad_(False)
     output = model.get_output_embeddings()
     if output is not None:
@@ -368,7 +371,7 @@ def train(
     model.train()
     batches = _order(examples, recipe.steps, recipe.batch_size, recipe.seed)
     for step, indices in enumerate(progress.track(batches, "safety-tuning", len(batches), "step")):
-        loss = example_loss(model, reference, tokenizer, [examples[i] for i in indices], recipe)
+        loss = example_loss(model, reference, tokenizer, [examples[i] for i in indices], recipe, openers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
