@@ -550,12 +550,12 @@ class OptimizeResult:
 
 
 def _check_start(settings: Settings, options: OptimizeOptions) -> None:
-    """Fail fast, before any forward pass: the method, and the --out of --pick."""
+    """Fail fast, before the study folder is created or any forward pass: the method, MODEL, --pick's --out."""
     if settings.method not in SUPPORTED_METHODS:
         raise UsageError(f"optimize does not support --method {settings.method}",
                          hint="trials are hooks that model the plain projection; use standard or projected")
+    source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL
     if options.out is not None:
-        source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)
         check_output(options.out, overwrite=options.overwrite, sources=[source.folder])
 
 

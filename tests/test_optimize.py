@@ -232,6 +232,9 @@ def test_bad_optimize_options_fail_in_one_line(tiny_chat: Path, tmp_path: Path) 
     assert_one_line_error(no_study, "no study in")
     method = run("optimize", tiny_chat, "--method", "norm-preserving", "--study", tmp_path / "s")
     assert_one_line_error(method, "norm-preserving")
+    missing = run("optimize", tmp_path / "no-such-model", "--trials", "1", "--study", tmp_path / "bad")
+    assert_one_line_error(missing, "not found")
+    assert not (tmp_path / "bad").exists()  # a bad MODEL fails before the study folder is created
 
 
 def test_resuming_with_other_settings_is_refused(tiny_chat: Path, tmp_path: Path) -> None:
