@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -96,8 +98,9 @@ def _safe_member(folder: Path, filename: str, index_path: Path) -> Path:
             f"{index_path.name} names the shard {filename!r}, which is not a valid file name",
             hint="the index file is corrupt; download it again",
         )
-    candidate = (folder / filename).resolve()
-    if Path(filename).is_absolute() or ".." in Path(filename).parts or folder.resolve() not in candidate.parents:
+    # Checked on the name, not the resolved path: a hub cache snapshot links every file to ../../blobs/.
+    candidate = folder / filename
+    if Path(filename).is_absolute() or ".." in Path(filename).parts:
         raise CheckpointError(
             f"{index_path.name} names {filename!r}, which is outside the model folder",
             hint="the index file is malformed or malicious; use the checkpoint's original index",
@@ -198,6 +201,10 @@ class Checkpoint:
         """Tensor names in storage order (file, then offset), so that output follows input."""
         return sorted(self.tensors, key=lambda n: (self.tensors[n].file, self.tensors[n].start))
 
+    def files(self) -> list[Path]:
+        """The weight files, in storage order."""
+        return sorted({info.file for info in self.tensors.values()})
+
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
@@ -209,6 +216,17 @@ class Checkpoint:
         with safe_open(str(info.file), framework="pt") as fh:
             tensor: torch.Tensor = fh.get_tensor(name)
             return tensor
+
+    def view(self, name: str) -> torch.Tensor:
+        """A read-only tensor over the stored bytes, memory-mapped (no copy); do not modify it."""
+        info = self.tensors[name]
+        if self.is_pickle or info.nbytes == 0:
+            return self.get(name)
+        raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(info.nbytes,))
+        with warnings.catch_warnings():  # torch warns that the array is read-only: the edit never writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(raw)
+        return flat.view(DTYPES[info.dtype]).reshape(info.shape)
 
     def iter_raw(self, name: str, chunk: int = 64 << 20) -> Iterator[bytes]:
         """Yield a tensor's stored bytes unchanged, in chunks (safetensors sources only)."""

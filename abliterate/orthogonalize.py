@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from abliterate.direction import DIRECTION_FILE, AblationWeights, Direction
 from abliterate.errors import CheckpointError, ModelError
 from abliterate.loading import ModelSource
 from abliterate.output import atomic_output, ensure_free_space
-from abliterate.provenance import record_output
+from abliterate.provenance import FileHasher, hub_blob_sha256, record_output
 from abliterate.shards import ShardWriter, TensorSpec, plan_shards, write_index
 
 log = logging.getLogger(__name__)
@@ -58,51 +59,95 @@ def hidden_axis(component: Component, ndim: int) -> int:
 def project_out(
     tensor: torch.Tensor, direction: torch.Tensor, axis: int, *, rescale: bool = False, weight: float = 1.0
 ) -> torch.Tensor:
-    """Remove `direction` (unit, float32) from `tensor` along `axis`, computing in float32 by chunks.
+    """Remove `direction` (unit, float32) from `tensor` along `axis`, computing in float32.
 
-    Returns a new tensor of the input's dtype; the input is not modified. Chunks are independent slices
-    (rows of an embedding, column blocks of a weight), so float32 memory stays at one chunk. With `rescale`,
-    each vector along `axis` of a matrix is scaled back to its original norm after the projection (1-D
-    tensors, the biases, are only projected). With `weight` w, only w times the component is removed.
+    Returns a new tensor of the input's dtype; the input is not modified. With `rescale`, each vector along
+    `axis` of a matrix is scaled back to its original norm after the projection (1-D tensors, the biases, are
+    only projected). With `weight` w, only w times the component is removed. The streaming edit uses
+    `projected_blocks`, which yields the same values block by block.
     """
-    result = torch.empty_like(tensor)
+    blocks = [block.reshape(-1) for block in projected_blocks(tensor, direction, axis, rescale=rescale, weight=weight)]
+    return torch.cat(blocks).reshape(tensor.shape) if blocks else tensor.clone()
+
+
+def projected_blocks(
+    tensor: torch.Tensor, direction: torch.Tensor, axis: int, *, rescale: bool = False, weight: float = 1.0
+) -> Iterator[torch.Tensor]:
+    """`project_out(tensor, ...)` as consecutive contiguous blocks of whole rows, in storage order.
+
+    Written to disk one after the other, the blocks are the edited tensor's bytes, so the edit never holds
+    more than one float32 block (at most 64 MB) besides the source tensor (docs/performance.md).
+    """
     if tensor.dim() == 1:
         edited = tensor.to(torch.float32, copy=True)
         if not torch.isfinite(edited).all():
             raise FloatingPointError("NaN or Inf in the tensor")
-        result.copy_(edited - (weight * (edited @ direction)) * direction)
+        yield (edited - (weight * (edited @ direction)) * direction).to(tensor.dtype)
     elif tensor.dim() == 3:  # fused expert stack: one 2-D matrix per expert
         for expert in range(tensor.shape[0]):
-            result[expert] = project_out(tensor[expert], direction, axis - 1, rescale=rescale, weight=weight)
+            yield from projected_blocks(tensor[expert], direction, axis - 1, rescale=rescale, weight=weight)
+    elif axis == 1:
+        yield from _project_rows(tensor, direction, rescale, weight)
+    elif rescale:
+        result = torch.empty_like(tensor)
+        _project_columns(tensor, result, direction, rescale, weight)
+        yield result
     else:
-        _project_matrix(tensor, result, direction, axis, rescale, weight)
-    return result
+        yield from _project_columns_two_pass(tensor, direction, weight)
 
 
-def _project_matrix(
-    source: torch.Tensor, result: torch.Tensor, r: torch.Tensor, axis: int, rescale: bool, weight: float = 1.0
-) -> None:
-    """result <- source - w r r^T source (axis 0) or source - w (source r) r^T (axis 1), by slices (w: weight).
+def _row_blocks(matrix: torch.Tensor) -> Iterator[slice]:
+    """Slices of whole rows holding about `_CHUNK_ELEMENTS` values each."""
+    step = max(1, _CHUNK_ELEMENTS // max(matrix.shape[1], 1))
+    for start in range(0, matrix.shape[0], step):
+        yield slice(start, min(start + step, matrix.shape[0]))
 
-    With `rescale`, every vector along `axis` (a column for axis 0, a row for axis 1) then regains its norm.
-    """
-    other = source.shape[1 - axis]
-    step = max(1, _CHUNK_ELEMENTS // max(source.shape[axis], 1))
-    for start in range(0, other, step):
-        part = slice(start, min(start + step, other))
-        index = (slice(None), part) if axis == 0 else (part, slice(None))
-        chunk = source[index].to(torch.float32, copy=True)
-        coefficients = r @ chunk if axis == 0 else chunk @ r
-        if not torch.isfinite(coefficients).all():  # a NaN/Inf anywhere in the chunk reaches these sums
+
+def _project_rows(
+    source: torch.Tensor, r: torch.Tensor, rescale: bool, weight: float
+) -> Iterator[torch.Tensor]:
+    """Rows of `source` (an embedding [vocab, hidden]) minus w (row . r) r, block by block."""
+    for rows in _row_blocks(source):
+        block = source[rows].to(torch.float32, copy=True)
+        coefficients = block @ r
+        if not torch.isfinite(coefficients).all():  # a NaN/Inf anywhere in the block reaches these sums
             raise FloatingPointError("NaN or Inf in the tensor")
-        norms = chunk.norm(dim=axis) if rescale else None
-        if axis == 0:
-            chunk.addr_(r, coefficients, alpha=-weight)
-        else:
-            chunk.addr_(coefficients, r, alpha=-weight)
+        norms = block.norm(dim=1) if rescale else None
+        block.addr_(coefficients, r, alpha=-weight)
         if norms is not None:
-            _restore_norms(chunk, norms, axis)
-        result[index] = chunk
+            _restore_norms(block, norms, 1)
+        yield block.to(source.dtype)
+
+
+def _project_columns_two_pass(source: torch.Tensor, r: torch.Tensor, weight: float) -> Iterator[torch.Tensor]:
+    """`source` [hidden, in] minus w r (r^T source), in row blocks: r^T source is summed over the blocks first."""
+    coefficients = torch.zeros(source.shape[1], dtype=torch.float32)
+    for rows in _row_blocks(source):
+        coefficients.addmv_(source[rows].to(torch.float32).T, r[rows])
+    if not torch.isfinite(coefficients).all():  # a NaN/Inf anywhere in the matrix reaches these sums
+        raise FloatingPointError("NaN or Inf in the tensor")
+    for rows in _row_blocks(source):
+        block = source[rows].to(torch.float32, copy=True)
+        block.addr_(r[rows], coefficients, alpha=-weight)
+        yield block.to(source.dtype)
+
+
+def _project_columns(
+    source: torch.Tensor, result: torch.Tensor, r: torch.Tensor, rescale: bool, weight: float = 1.0
+) -> None:
+    """result <- source - w r r^T source, by column slices; with `rescale`, every column regains its norm."""
+    step = max(1, _CHUNK_ELEMENTS // max(source.shape[0], 1))
+    for start in range(0, source.shape[1], step):
+        part = slice(start, min(start + step, source.shape[1]))
+        chunk = source[:, part].to(torch.float32, copy=True)
+        coefficients = r @ chunk
+        if not torch.isfinite(coefficients).all():
+            raise FloatingPointError("NaN or Inf in the tensor")
+        norms = chunk.norm(dim=0) if rescale else None
+        chunk.addr_(r, coefficients, alpha=-weight)
+        if norms is not None:
+            _restore_norms(chunk, norms, 0)
+        result[:, part] = chunk
 
 
 def _restore_norms(chunk: torch.Tensor, norms: torch.Tensor, axis: int) -> None:
@@ -203,19 +248,29 @@ def direction_for(
     return post_norm_direction(r, checkpoint.get(norm_name), plan.arch.norm_offset)
 
 
-def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> torch.Tensor:
-    """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
+def edited_blocks(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> Iterator[torch.Tensor]:
+    """One residual-writing tensor, orthogonalized (stored dtype), as consecutive blocks of its bytes.
+
+    The source tensor is read through a memory map (no copy); only a float32 block at a time is allocated.
+    """
     component, layer = plan.edits[name]
-    tensor = checkpoint.get(name)
     direction = direction_for(plan, checkpoint, component, layer, r)
+    tensor = checkpoint.view(name)
     try:
         axis = hidden_axis(component, tensor.dim())
         weight = plan.weight(component, layer)
-        return project_out(tensor, direction, axis, rescale=plan.norm_preserving, weight=weight)
+        yield from projected_blocks(tensor, direction, axis, rescale=plan.norm_preserving, weight=weight)
     except FloatingPointError:
         raise CheckpointError(
             f"tensor {name!r} holds NaN or Inf values", hint="the source checkpoint is damaged; download it again"
         ) from None
+
+
+def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> torch.Tensor:
+    """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
+    info = checkpoint.tensors[name]
+    blocks = [block.reshape(-1) for block in edited_blocks(plan, checkpoint, name, r)]
+    return torch.cat(blocks).reshape(info.shape)
 
 
 def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:
@@ -235,7 +290,8 @@ def _write_tensor(
     writer: ShardWriter, spec: TensorSpec, plan: EditPlan, checkpoint: Checkpoint, r: torch.Tensor
 ) -> None:
     if spec.name in plan.edits:
-        writer.write(spec.name, tensor_buffer(edit_tensor(plan, checkpoint, spec.name, r)))
+        for block in edited_blocks(plan, checkpoint, spec.name, r):
+            writer.write(spec.name, tensor_buffer(block))
         return
     source = plan.arch.embedding_tensor if plan.tied and spec.name == plan.arch.lm_head_tensor else spec.name
     info = checkpoint.tensors[source]
@@ -282,9 +338,18 @@ def _checked_weights(weights: AblationWeights, plan: EditPlan) -> AblationWeight
 
 
 def write_checkpoint(
-    checkpoint: Checkpoint, config: dict[str, object], direction: Direction, out: Path, max_shard_size: int
+    checkpoint: Checkpoint,
+    config: dict[str, object],
+    direction: Direction,
+    out: Path,
+    max_shard_size: int,
+    hasher: FileHasher | None = None,
 ) -> EditPlan:
-    """Write the orthogonalized checkpoint into an existing (temporary) folder `out`."""
+    """Write the orthogonalized checkpoint into an existing (temporary) folder `out`.
+
+    With `hasher`, the source's weight files are hashed in the background from the start and every output
+    shard as soon as it is closed (for the provenance record), overlapping the edit.
+    """
     hidden_size = int(config.get("hidden_size") or direction.hidden_size)  # type: ignore[call-overload]
     if direction.hidden_size != hidden_size:
         raise CheckpointError(
@@ -305,17 +370,21 @@ def write_checkpoint(
     r = direction.vector.to(torch.float32)
     shards = plan_shards(output_specs(plan, checkpoint), max_shard_size)
     ensure_free_space(out, sum(shard.nbytes for shard in shards))
+    if hasher is not None:  # the source's weights, for provenance (hub cache blobs are named by their hash)
+        for path in checkpoint.files():
+            if hub_blob_sha256(path) is None:
+                hasher.submit(path)
     total = sum(len(s.tensors) for s in shards)
     tensors = progress.track(((s, t) for s in shards for t in s.tensors), "orthogonalizing", total, "tensor")
     writer: ShardWriter | None = None
     for shard, spec in tensors:
         if writer is None or writer.path.name != shard.filename:
             if writer is not None:
-                writer.close()
+                _finish(writer, hasher)
             writer = ShardWriter(out, shard, checkpoint.metadata or {"format": "pt"})
         _write_tensor(writer, spec, plan, checkpoint, r)
     if writer is not None:
-        writer.close()
+        _finish(writer, hasher)
     write_index(out, shards)
     write_config(checkpoint.folder, out, config, plan)
     copy_side_files(checkpoint.folder, out)
@@ -324,6 +393,12 @@ def write_checkpoint(
         "edited %d tensors, copied %d unchanged, %d shard(s)", len(plan.edits), total - len(plan.edits), len(shards)
     )
     return plan
+
+
+def _finish(writer: ShardWriter, hasher: FileHasher | None) -> None:
+    writer.close()
+    if hasher is not None:
+        hasher.submit(writer.path)
 
 
 def apply_direction(
@@ -342,7 +417,7 @@ def apply_direction(
     """
     config = read_config(source)
     checkpoint = Checkpoint.open(source, allow_pickle=allow_pickle)
-    with atomic_output(out, overwrite=overwrite, sources=[source]) as tmp:
-        plan = write_checkpoint(checkpoint, config, direction, tmp, max_shard_size)
-        record_output(tmp, model or ModelSource(str(source), Path(source)), checkpoint, plan, direction)
+    with atomic_output(out, overwrite=overwrite, sources=[source]) as tmp, FileHasher() as hasher:
+        plan = write_checkpoint(checkpoint, config, direction, tmp, max_shard_size, hasher)
+        record_output(tmp, model or ModelSource(str(source), Path(source)), checkpoint, plan, direction, hasher=hasher)
         return plan

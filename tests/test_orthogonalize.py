@@ -112,6 +112,35 @@ def test_projection_math() -> None:
     assert torch.allclose((y * (1 + gain)) @ r, torch.zeros(5), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_blocks_match_the_formula(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rescale: bool) -> None:
+    """Block by block (here 4-7 blocks per matrix), the edit is W - w r r^T W and E - w (E r) r^T exactly."""
+    import abliterate.orthogonalize as ortho
+
+    monkeypatch.setattr(ortho, "_CHUNK_ELEMENTS", 100)
+    torch.manual_seed(0)
+    r = torch.randn(16)
+    r /= r.norm()
+    w, emb, weight = torch.randn(16, 40).to(dtype), torch.randn(70, 16).to(dtype), 0.7
+    blocks = list(ortho.projected_blocks(w, r, 0, weight=weight, rescale=rescale))
+    assert rescale or len(blocks) > 3
+    assert all(b.dtype == dtype and b.is_contiguous() and b.shape[1] == 40 for b in blocks)
+    reference = w.float() - weight * torch.outer(r, r @ w.float())
+    if rescale:
+        reference *= w.float().norm(dim=0) / reference.norm(dim=0)
+    tol = {"atol": 1e-6} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-7}  # one bf16 ulp: sum order
+    assert torch.allclose(torch.cat(blocks).float(), reference.to(dtype).float(), **tol)
+    rows = list(ortho.projected_blocks(emb, r, 1, weight=weight))
+    assert len(rows) > 3
+    reference = emb.float() - weight * torch.outer(emb.float() @ r, r)
+    assert torch.allclose(torch.cat(rows).float(), reference.to(dtype).float(), **tol)
+    bad = w.clone()
+    bad[9, 3] = float("nan")  # in the middle of a block that is not the first
+    with pytest.raises(FloatingPointError):
+        list(ortho.projected_blocks(bad, r, 0))
+
+
 # --- norm-preserving edit ----------------------------------------------------------------------------------
 
 

@@ -404,6 +404,24 @@ def test_provenance_of_apply(edited: Path, tiny_chat: Path) -> None:
     assert record["edit"]["components"] == {"embedding": 1, "attention": 3, "mlp": 3}
 
 
+def test_provenance_takes_hub_cache_hashes_from_blob_names(tmp_path: Path, tiny_chat: Path) -> None:
+    """A hub snapshot links each file to blobs/SHA256: those weights are identified without being read."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    for path in tiny_chat.iterdir():
+        if path.is_file():
+            digest = sha256_file(path)
+            shutil.copy(path, blobs / digest)
+            (snapshot / path.name).symlink_to(blobs / digest)
+    out = tmp_path / "out"
+    apply_direction(snapshot, Direction.load(random_direction(tmp_path / "r.safetensors")), out, max_shard_size=10**9)
+    files = read_provenance(out)["source"]["files"]
+    weights = [name for name in files if name.endswith(".safetensors")]
+    assert weights and all(files[name]["from"] == "hub cache blob name" for name in weights)
+    assert all(files[name]["sha256"] == sha256_file(snapshot / name) for name in files)
+
+
 def test_redacted_argv() -> None:
     argv = ["edit", "m", "--token", "abc", "--hf-token=xyz", "--out", f"x{TOKEN}", "--message", "hf_" + "x" * 34]
     assert redacted_argv(argv) == [
