@@ -23,7 +23,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("abliterate")
 
 # Options shared by commands that run forward passes.
-MODEL_OPTIONS = ["revision", "dtype", "device", "trust_remote_code", "allow_pickle", "chat_template", "batch_size"]
+MODEL_OPTIONS = ["revision", "dtype", "device", "quantize", "trust_remote_code", "allow_pickle", "chat_template",
+                 "batch_size"]
 DIRECTION_OPTIONS = [
     "lang",
     "prompts",
@@ -40,7 +41,7 @@ DIRECTION_OPTIONS = [
     "refusal_tokens",
 ]
 # Options of the evaluation (`eval`, and `edit` unless --no-eval).
-EVAL_OPTIONS = ["langs", "judge", "tasks", "limit", "max_new_tokens"]
+EVAL_OPTIONS = ["langs", "judge", "tasks", "limit", "max_new_tokens", "engine"]
 
 
 def _option_for(name: str) -> Callable[[F], F]:
@@ -53,6 +54,8 @@ def _option_for(name: str) -> Callable[[F], F]:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
     if name == "refusal_tokens":
         return click.option(flag, name, multiple=True, default=None, help=help_text + " Repeatable.")
+    if name == "batch_size":  # a number or auto, checked by Settings
+        return click.option(flag, name, metavar="N|auto", default=None, help=help_text)
     choices = [a for a in get_args(annotation) if isinstance(a, str)]
     if choices:
         return click.option(flag, name, type=click.Choice(choices), default=None, help=help_text)
@@ -88,7 +91,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     noisy_libraries = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "lm_eval", "datasets",
-                       "optuna", "alembic")
+                       "optuna", "alembic", "bitsandbytes")
     for noisy in (*noisy_libraries, "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     try:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from abliterate import __version__, benchmark, progress, prompts
+from abliterate.batching import fixed_batch_size
 from abliterate.chat import post_instruction_length
 from abliterate.direction import Direction
 from abliterate.directions import Candidates, make_batches
@@ -50,6 +51,7 @@ from abliterate.pipeline import (
     load,
     load_prompts,
     refusal_ids,
+    resolve_batch_size,
 )
 from abliterate.settings import Settings
 
@@ -230,7 +232,8 @@ def train_splits(settings: Settings, loaded: LoadedModel) -> PromptSplits:
     """The language's prompts, filtered by the model's refusal score exactly as the pipeline does."""
     splits = load_prompts(settings)
     if settings.filter_prompts:
-        splits = filter_prompts(loaded, splits, refusal_ids(settings, loaded.tokenizer), settings.batch_size)
+        splits = filter_prompts(loaded, splits, refusal_ids(settings, loaded.tokenizer),
+                                fixed_batch_size(settings.batch_size))
     return splits
 
 
@@ -647,14 +650,17 @@ def run_crosslingual(settings: Settings, options: CrosslingualOptions) -> Crossl
     out = check_output(settings.out, overwrite=settings.overwrite)
     if options.direction_file is not None and not Path(options.direction_file).exists():
         raise UsageError(f"direction file {options.direction_file} not found", hint="create one with `directions`")
-    for lang in dict.fromkeys([options.source_lang, *options.langs]):
-        load_prompts(lang_settings(settings, lang))  # fails now, not after an hour, if a language is missing
+    # fails now, not after an hour, if a language is missing; the texts also size --batch-size auto
+    texts = [text for lang in dict.fromkeys([options.source_lang, *options.langs])
+             for group in vars(load_prompts(lang_settings(settings, lang))).values() for text in group]
     targets = harmful_test_prompts(settings, options.langs, options.n_prompts) if options.transfer else {}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load(settings)
     n_pos = post_instruction_length(loaded.tokenizer)
     check_layer_choice(settings, loaded.n_layers, n_pos)
+    settings = resolve_batch_size(settings, loaded, [*texts, *(text for ts in targets.values() for text in ts)])
+    batch_size = fixed_batch_size(settings.batch_size)
     start = _timed(seconds, "load", start)
     site = choose_site(settings, options, loaded, n_pos)
     start = _timed(seconds, "site", start)
@@ -662,13 +668,13 @@ def run_crosslingual(settings: Settings, options: CrosslingualOptions) -> Crossl
     data = {lang: language_data(settings, loaded, site, lang, n_pos) for lang in _each(options.langs, "languages")}
     directions = {lang: d.direction(site) for lang, d in data.items()}
     start = _timed(seconds, "candidates", start)
-    pca = {lang: language_pca(loaded, data[lang], site, directions, settings.batch_size)
+    pca = {lang: language_pca(loaded, data[lang], site, directions, batch_size)
            for lang in _each(options.langs, "PCA activations")}
     start = _timed(seconds, "pca", start)
     report = build_report(settings, options, site, data, directions, pca)
     answers: list[dict[str, Any]] = []
     if options.transfer:
-        transfer = transfer_matrix(loaded, directions, targets, options, settings.batch_size)
+        transfer = transfer_matrix(loaded, directions, targets, options, batch_size)
         report["transfer"] = transfer_report(transfer, options.langs, options)
         answers = transfer.answers
         start = _timed(seconds, "transfer", start)

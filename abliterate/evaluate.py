@@ -14,6 +14,15 @@ Owns `abliterate eval` and the evaluation that `edit` runs on the base and the e
 
 `EditEvaluation` is the part `edit` uses: checks first, the base model before it is freed, the written
 checkpoint afterwards, then the report (`abliterate.report`).
+
+Engines (`--engine`, `abliterate.engines`): with `hf` the refusal benchmark's answers come from the
+transformers model in memory. With `vllm` they come from vLLM in a child process that reads the model folder
+and needs the GPU to itself, so the order changes: `eval` answers with vLLM before it loads the transformers
+model (which it then loads only for the KL or lm-eval); `edit` measures the base's KL reference and lm-eval
+with the forward-pass model it already holds, and the base's and the edited model's vLLM answers after that
+model has been dropped (`measure_edited`, once the edited checkpoint is written). `--quantize` applies to
+every transformers model loaded here, the base's and the edited checkpoint's alike, so before and after are
+measured in the same precision.
 """
 
 from __future__ import annotations
@@ -33,13 +42,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate import __version__, progress, prompts
+from abliterate.batching import fixed_batch_size
+from abliterate.benchmark import Generation
 from abliterate.capability import DEFAULT_TASKS, check_tasks, parse_tasks, run_tasks
 from abliterate.chat import encode, render, set_chat_template
+from abliterate.engines import VLLMOptions, check_engine, folder_stop_ids
+from abliterate.engines import generate as engine_generate
 from abliterate.errors import DataError, UsageError
-from abliterate.generations import GenerationCache, model_identity
+from abliterate.generations import GenerationCache, engine_generation_key, model_identity
 from abliterate.judge import Judge, make_judge
 from abliterate.languages import parse_languages
-from abliterate.loading import ModelSource, load_model, resolve
+from abliterate.loading import ModelSource, check_quantize, load_model, load_tokenizer, resolve
 from abliterate.selection import kl_divergence
 
 if TYPE_CHECKING:
@@ -76,6 +89,8 @@ class EvalOptions:
     cache: bool = True
     dtype: str = "auto"
     device: str = "auto"
+    engine: str = "hf"
+    quantize: str = "none"
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> EvalOptions:
@@ -85,11 +100,13 @@ class EvalOptions:
             prompts=settings.prompts,
             n_prompts=settings.eval_prompts,
             max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.batch_size,
+            batch_size=fixed_batch_size(settings.batch_size),
             tasks=tuple(parse_tasks(settings.tasks)),
             limit=settings.limit,
             dtype=settings.dtype,
             device=settings.device,
+            engine=settings.engine,
+            quantize=settings.quantize,
         )
         return replace(options, **overrides)
 
@@ -108,6 +125,8 @@ class EvalOptions:
             "kl_prompts": self.kl_prompts,
             "dtype": self.dtype,
             "device": self.device,
+            "engine": self.engine,
+            "quantize": self.quantize,
         }
 
 
@@ -170,10 +189,46 @@ class EvalModel:
 def load_for_eval(source: ModelSource, settings: Settings, spec: str | None = None) -> EvalModel:
     """Load a resolved model (and check its chat template) for the evaluation."""
     model, tokenizer = load_model(
-        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code,
+        quantize=settings.quantize,
     )
     set_chat_template(tokenizer, settings.chat_template, source.spec)
     return EvalModel(model, tokenizer, spec or source.spec, Path(source.folder), model_identity(source.folder))
+
+
+@dataclass
+class EngineTarget:
+    """A model on disk for the vLLM engine: tokenizer, stop ids, identity, and where vLLM reads the weights."""
+
+    tokenizer: PreTrainedTokenizerBase
+    spec: str
+    folder: Path  # as results.json reports it (an edited checkpoint: where it will be after the rename)
+    identity: str
+    weights: Path  # where vLLM reads it now (an edited checkpoint: the temporary folder)
+    stops: list[int]
+    trust_remote_code: bool = False
+
+    def info(self) -> dict[str, Any]:
+        return {"spec": self.spec, "folder": str(self.folder), "identity": self.identity}
+
+
+def engine_target(
+    source: ModelSource,
+    settings: Settings,
+    *,
+    spec: str | None = None,
+    folder: Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> EngineTarget:
+    """A resolved model for vLLM; only its tokenizer is loaded (with the chat template checked) if not given."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, trust_remote_code=settings.trust_remote_code)
+        set_chat_template(tokenizer, settings.chat_template, source.spec)
+    weights = Path(source.folder)
+    return EngineTarget(
+        tokenizer, spec or source.spec, folder or weights, model_identity(weights), weights,
+        folder_stop_ids(weights, tokenizer), settings.trust_remote_code,
+    )
 
 
 def resolve_model(spec: str, settings: Settings) -> ModelSource:
@@ -197,12 +252,18 @@ def judged_block(
     return {"n": n, "refusals": refusals, "refusal_rate": refusals / n if n else None, "records": records}
 
 
-def refusal_benchmark(
-    target: EvalModel, selected: EvalPrompts, judge: Judge, options: EvalOptions, cache: GenerationCache
-) -> dict[str, Any]:
-    """{lang: {compliance, over_refusal, harmful: block, harmless: block}} from greedy answers."""
-    jobs = [(lang, kind) for lang in selected for kind in prompts.KINDS]
-    answers: dict[tuple[str, str], list[str]] = {}
+AnswerTexts = dict[tuple[str, str], list[str]]
+"""{(lang, kind): greedy answer texts, in prompt order}: the refusal benchmark's answers."""
+
+
+def benchmark_jobs(selected: EvalPrompts) -> list[tuple[str, str]]:
+    return [(lang, kind) for lang in selected for kind in prompts.KINDS]
+
+
+def hf_answers(target: EvalModel, selected: EvalPrompts, options: EvalOptions, cache: GenerationCache) -> AnswerTexts:
+    """The refusal benchmark's answers from the transformers model in memory (through the cache)."""
+    jobs = benchmark_jobs(selected)
+    answers: AnswerTexts = {}
     for i, (lang, kind) in enumerate(jobs, 1):
         chosen = selected[lang][kind]
         generation = cache.generate(
@@ -210,6 +271,54 @@ def refusal_benchmark(
             options.max_new_tokens, options.batch_size, f"answers {lang} {kind} ({i}/{len(jobs)})",
         )
         answers[lang, kind] = generation.texts
+    return answers
+
+
+def split_generation(generation: Generation, sizes: Sequence[int]) -> list[Generation]:
+    """Consecutive parts of `generation` of the given sizes."""
+    parts, start = [], 0
+    for size in sizes:
+        end = start + size
+        parts.append(Generation(generation.ids[start:end], generation.texts[start:end], generation.finished[start:end]))
+        start = end
+    return parts
+
+
+def engine_answers(
+    target: EngineTarget, selected: EvalPrompts, options: EvalOptions, cache: GenerationCache
+) -> AnswerTexts:
+    """The refusal benchmark's answers by vLLM from `target`'s folder: cached ones reused, the rest in one run."""
+    config = VLLMOptions.from_settings(options.dtype, options.quantize, target.trust_remote_code)
+    engine = {**config.describe(), "stop_ids": target.stops}
+    jobs = benchmark_jobs(selected)
+    texts = {job: [p.instruction for p in selected[job[0]][job[1]]] for job in jobs}
+    keys = {
+        job: engine_generation_key(target.identity, target.tokenizer, texts[job], options.max_new_tokens, engine)
+        for job in jobs
+    }
+    found: dict[tuple[str, str], Generation] = {}
+    for job in jobs:
+        cached = cache.read(keys[job], len(texts[job]))
+        if cached is not None:
+            found[job] = cached
+    missing = [job for job in jobs if job not in found]
+    cache.hits += len(jobs) - len(missing)
+    cache.misses += len(missing)
+    if missing:
+        generation = engine_generate(
+            target.weights, target.tokenizer, [t for job in missing for t in texts[job]], options.max_new_tokens,
+            target.stops, config,
+        )
+        for job, part in zip(missing, split_generation(generation, [len(texts[j]) for j in missing]), strict=True):
+            meta = {"model": target.identity, "prompts": len(texts[job]), "max_new_tokens": options.max_new_tokens,
+                    "engine": "vllm", "what": f"answers {job[0]} {job[1]}"}
+            cache.write(keys[job], part, meta)
+            found[job] = part
+    return {job: found[job].texts for job in jobs}
+
+
+def judge_answers(judge: Judge, selected: EvalPrompts, answers: AnswerTexts) -> dict[str, Any]:
+    """{lang: {compliance, over_refusal, harmful: block, harmless: block}} from the answers' verdicts."""
     languages: dict[str, Any] = {}
     for lang in selected:
         harmful = judged_block(judge, selected[lang]["harmful"], answers[lang, "harmful"], lang)
@@ -221,6 +330,13 @@ def refusal_benchmark(
             "harmless": harmless,
         }
     return languages
+
+
+def refusal_benchmark(
+    target: EvalModel, selected: EvalPrompts, judge: Judge, options: EvalOptions, cache: GenerationCache
+) -> dict[str, Any]:
+    """{lang: {compliance, over_refusal, harmful: block, harmless: block}} from the loaded model's answers."""
+    return judge_answers(judge, selected, hf_answers(target, selected, options, cache))
 
 
 def summarize(languages: dict[str, Any]) -> dict[str, Any]:
@@ -352,6 +468,25 @@ def kl_block(target: EvalModel, reference: KLReference, batch_size: int) -> dict
 
 
 @dataclass
+class Answers:
+    """The refusal benchmark's answers with the seconds they took and the generation cache's hits and misses."""
+
+    texts: AnswerTexts
+    seconds: float
+    hits: int = 0
+    misses: int = 0
+
+
+@dataclass
+class ModelMeasures:
+    """The measures that need the transformers model in memory: KL against the base, lm-eval capability."""
+
+    kl: dict[str, Any] | None = None
+    capability: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Evaluator:
     """What every evaluation of a run shares: options, prompts, judge and generation cache."""
 
@@ -362,20 +497,35 @@ class Evaluator:
 
     @classmethod
     def prepare(cls, options: EvalOptions) -> Evaluator:
-        """Check everything that can fail cheaply (prompts, lm-eval tasks, judge) before any long work."""
+        """Check everything that can fail cheaply (engine, prompts, lm-eval tasks, judge) before any long work."""
+        check_engine(options.engine, options.quantize)
         selected = select_prompts(options)
         check_judge_spec(options.judge)
         check_tasks(options.tasks)
         judge = make_judge(options.judge, device=options.device, dtype=options.dtype)
         return cls(options, selected, judge, GenerationCache.default(options.cache))
 
-    def evaluate(self, target: EvalModel, reference: KLReference | None = None) -> dict[str, Any]:
-        """The results dict of `target` (schema in docs/evaluation.md)."""
-        timings: dict[str, float] = {}
+    def evaluate(
+        self, target: EvalModel, reference: KLReference | None = None, answers: Answers | None = None
+    ) -> dict[str, Any]:
+        """The results dict of `target` (schema in docs/evaluation.md); `answers` if an engine made them already."""
+        if answers is None:
+            answers = self.answers(target)
+        return self.results(target.info(), answers, self.measure_model(target, reference))
+
+    def answers(self, target: EvalModel | EngineTarget) -> Answers:
+        """The refusal benchmark's answers: from the loaded model, or by vLLM from an `EngineTarget`'s folder."""
         start = time.perf_counter()
         hits, misses = self.cache.hits, self.cache.misses
-        languages = refusal_benchmark(target, self.selected, self.judge, self.options, self.cache)
-        timings["refusal_s"] = round(time.perf_counter() - start, 2)
+        if isinstance(target, EngineTarget):
+            texts = engine_answers(target, self.selected, self.options, self.cache)
+        else:
+            texts = hf_answers(target, self.selected, self.options, self.cache)
+        return Answers(texts, time.perf_counter() - start, self.cache.hits - hits, self.cache.misses - misses)
+
+    def measure_model(self, target: EvalModel, reference: KLReference | None = None) -> ModelMeasures:
+        """KL against `reference` (if given) and the lm-eval tasks (if any), with their timings."""
+        timings: dict[str, float] = {}
         kl = None
         if reference is not None:
             mark = time.perf_counter()
@@ -389,20 +539,28 @@ class Evaluator:
                 batch_size=self.options.batch_size,
             )
             timings["lm_eval_s"] = round(time.perf_counter() - mark, 2)
-        timings["total_s"] = round(time.perf_counter() - start, 2)
+        return ModelMeasures(kl, capability, timings)
+
+    def results(self, info: dict[str, Any], answers: Answers, measures: ModelMeasures | None = None) -> dict[str, Any]:
+        """The results dict: the answers judged, with the model's other measures (none: no KL, no lm-eval)."""
+        measures = measures or ModelMeasures()
+        mark = time.perf_counter()
+        languages = judge_answers(self.judge, self.selected, answers.texts)
+        refusal_s = answers.seconds + time.perf_counter() - mark
+        timings = {"refusal_s": round(refusal_s, 2), **measures.timings}
+        timings["total_s"] = round(refusal_s + sum(measures.timings.values()), 2)
         return {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "abliterate", "version": __version__},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": target.info(),
+            "model": info,
             "settings": {"langs": list(self.selected), **self.options.describe()},
             "summary": summarize(languages),
             "languages": languages,
-            "kl": kl,
-            "lm_eval": capability,
+            "kl": measures.kl,
+            "lm_eval": measures.capability,
             "timings": timings,
-            "cache": {"enabled": self.cache.folder is not None, "hits": self.cache.hits - hits,
-                      "misses": self.cache.misses - misses},
+            "cache": {"enabled": self.cache.folder is not None, "hits": answers.hits, "misses": answers.misses},
         }
 
 
@@ -445,7 +603,8 @@ def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> d
     """`abliterate eval`: results of MODEL (KL against `base` when given), written to settings.out."""
     if settings.out is None:
         raise UsageError("no results file given", hint="pass --out results.json")
-    evaluator = Evaluator.prepare(EvalOptions.from_settings(settings, **overrides))
+    check_quantize(settings.quantize)
+    evaluator = Evaluator.prepare(EvalOptions.from_settings(settings, **overrides))  # checks --engine too
     source = resolve_model(settings.model, settings)
     base_source = resolve_model(base, settings) if base is not None else None
     reference = None
@@ -454,8 +613,15 @@ def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> d
         reference = kl_reference(loaded, evaluator.selected, evaluator.options, evaluator.cache)
         del loaded
         collect_garbage()
-    target = load_for_eval(source, settings)
-    results = evaluator.evaluate(target, reference)
+    answers = None
+    if evaluator.options.engine == "vllm":  # before the model is loaded here: vLLM needs the GPU to itself
+        on_disk = engine_target(source, settings)
+        answers = evaluator.answers(on_disk)
+        if reference is None and not evaluator.options.tasks:  # nothing else needs the model in memory
+            results = evaluator.results(on_disk.info(), answers)
+            write_results(Path(settings.out), results)
+            return results
+    results = evaluator.evaluate(load_for_eval(source, settings), reference, answers)
     write_results(Path(settings.out), results)
     return results
 
@@ -472,6 +638,8 @@ class EditEvaluation:
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
     reference: KLReference | None = None
+    base: EngineTarget | None = None  # --engine vllm: the base, answered once the forward-pass model is freed
+    base_measures: ModelMeasures | None = None
 
     @classmethod
     def prepare(cls, settings: Settings) -> EditEvaluation:
@@ -482,16 +650,29 @@ class EditEvaluation:
         base = EvalModel(model, tokenizer, source.spec, Path(source.folder), model_identity(source.folder))
         log.info("evaluating the base model")
         self.reference = kl_reference(base, self.evaluator.selected, self.evaluator.options, self.evaluator.cache)
-        self.before = self.evaluator.evaluate(base)
+        if self.evaluator.options.engine == "hf":
+            self.before = self.evaluator.evaluate(base)
+            return
+        # vLLM needs the GPU that this model holds: its answers wait for measure_edited (the caller drops it first)
+        self.base_measures = self.evaluator.measure_model(base)
+        self.base = engine_target(source, self.settings, tokenizer=tokenizer)
 
     def measure_edited(self, folder: Path, spec: str) -> dict[str, Any]:
         """Load the written checkpoint in `folder`, evaluate it against the base, write the report beside it."""
         from abliterate.report import write_report
 
         log.info("evaluating the edited model")
+        final = Path(spec).expanduser().resolve()  # where it will be after the rename
+        answers = None
+        if self.base is not None:  # --engine vllm: both models' answers now, before a model is loaded again
+            self.before = self.evaluator.results(self.base.info(), self.evaluator.answers(self.base),
+                                                 self.base_measures)
+            self.base = None
+            written = engine_target(ModelSource(spec, Path(folder)), self.settings, spec=spec, folder=final)
+            answers = self.evaluator.answers(written)
         edited = load_for_eval(ModelSource(spec, Path(folder)), self.settings, spec=spec)
-        edited.folder = Path(spec).expanduser().resolve()  # where it will be after the rename
-        self.after = self.evaluator.evaluate(edited, self.reference)
+        edited.folder = final
+        self.after = self.evaluator.evaluate(edited, self.reference, answers)
         del edited
         self.reference = None
         collect_garbage()

@@ -60,11 +60,10 @@ def generation_key(
     batch_size: int,
 ) -> str:
     """The cache key of one `benchmark.generate` call (batch size, dtype and device can change greedy ties)."""
-    template = getattr(tokenizer, "chat_template", None)
     payload: dict[str, Any] = {
         "cache_version": CACHE_VERSION,
         "model": identity,
-        "chat_template": _sha256_bytes(json.dumps(template, sort_keys=True, default=str).encode()),
+        "chat_template": _template_hash(tokenizer),
         "stop_ids": benchmark.stop_ids(model, tokenizer),
         "pad_id": tokenizer.pad_token_id,
         "dtype": str(model.dtype),
@@ -73,7 +72,46 @@ def generation_key(
         "batch_size": batch_size,
         "instructions": _sha256_bytes(json.dumps(list(instructions), ensure_ascii=False).encode()),
     }
+    quantization = _quantization(model)
+    if quantization is not None:  # only then: the keys of unquantized models stay as they were
+        payload["quantization"] = quantization
     return _sha256_bytes(json.dumps(payload, sort_keys=True).encode())
+
+
+def engine_generation_key(
+    identity: str,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    engine: dict[str, Any],
+) -> str:
+    """The cache key of answers from another generation engine; `engine` names it and its settings."""
+    payload: dict[str, Any] = {
+        "cache_version": CACHE_VERSION,
+        "model": identity,
+        "chat_template": _template_hash(tokenizer),
+        "engine": engine,
+        "max_new_tokens": max_new_tokens,
+        "instructions": _sha256_bytes(json.dumps(list(instructions), ensure_ascii=False).encode()),
+    }
+    return _sha256_bytes(json.dumps(payload, sort_keys=True, default=str).encode())
+
+
+def _template_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    return _sha256_bytes(json.dumps(template, sort_keys=True, default=str).encode())
+
+
+def _quantization(model: PreTrainedModel) -> dict[str, Any] | None:
+    """The in-memory model's quantization config (e.g. bitsandbytes from --quantize), None if it has none."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    data = config.to_dict() if hasattr(config, "to_dict") else config
+    if not isinstance(data, dict):
+        return {"config": str(data)}
+    plain: dict[str, Any] = json.loads(json.dumps(data, sort_keys=True, default=str))
+    return plain
 
 
 @dataclass

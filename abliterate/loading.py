@@ -3,11 +3,16 @@
 Every source ends up as a local folder of safetensors shards (`ModelSource.folder`): hub models are
 downloaded (weights, configs, tokenizer only), GGUF files are dequantized once by transformers and saved
 to the cache. The streaming edit always reads that folder; forward passes load it with transformers.
+
+`--quantize 4bit|8bit` (bitsandbytes, the `quantize` extra) applies only to the model loaded here for forward
+passes: the files in the folder are never changed, so the edit still streams the original full-precision
+shards, and the edited checkpoint is evaluated in the same quantization as the base.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import re
@@ -22,13 +27,14 @@ from abliterate.errors import ModelError
 from abliterate.output import atomic_output
 
 if TYPE_CHECKING:  # transformers is imported only when a model is actually loaded (it takes seconds)
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "LICENSE*", "USE_POLICY*"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZE_HINT = "pip install 'abliterate[quantize]'"
 
 
 @dataclass(frozen=True)
@@ -139,19 +145,74 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_model(
-    source: ModelSource, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model (eval mode) and tokenizer (left padding, a pad token) for forward passes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def module_installed(name: str) -> bool:
+    """Whether `import name` would find the module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a module blocked in sys.modules
+        return False
 
+
+def check_quantize(quantize: str) -> None:
+    """`--quantize 4bit|8bit` needs bitsandbytes: checked before any model is loaded."""
+    if quantize != "none" and not module_installed("bitsandbytes"):
+        raise ModelError(f"--quantize {quantize} needs bitsandbytes, which is not installed", hint=QUANTIZE_HINT)
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config of `--quantize` (None for none): 4bit is NF4 with double quantization."""
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantize == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+    raise ModelError(f"unknown quantization {quantize!r}", hint="use --quantize none, 4bit or 8bit")
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, set up for batches: left padding and a pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    quantize: str = "none",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model (eval mode) and tokenizer (left padding, a pad token) for forward passes.
+
+    `quantize` (4bit or 8bit) loads the linear layers with bitsandbytes; the other weights, and 4-bit
+    matmuls, use `dtype` (auto: bfloat16 on GPU, float32 on CPU). The files on disk are not changed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    check_quantize(quantize)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     device_map = "auto" if device == "cuda" else "cpu"
+    quantized = quantization_config(quantize, torch_dtype)
+    extra = {"quantization_config": quantized} if quantized is not None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source.folder, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code
+            source.folder, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code, **extra
         )
     except ValueError as err:
         if "trust_remote_code" in str(err):
@@ -161,8 +222,14 @@ def load_model(
         raise ModelError(f"cannot load {source.spec}: {err}", hint="check that it is a causal LM") from None
     except OSError as err:
         raise ModelError(f"cannot load {source.spec}: {err}", hint="the checkpoint may be incomplete") from None
+    except (ImportError, RuntimeError) as err:
+        if quantized is None:
+            raise
+        raise ModelError(
+            f"cannot load {source.spec} with --quantize {quantize}: {err}",
+            hint=f"check the bitsandbytes install ({QUANTIZE_HINT}), or use --quantize none",
+        ) from None
     model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if quantized is not None:
+        log.info("loaded %s with %s bitsandbytes quantization on %s", source.spec, quantize, model.device)
     return model, tokenizer

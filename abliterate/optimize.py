@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from abliterate import __version__, progress, prompts
+from abliterate.batching import fixed_batch_size
 from abliterate.benchmark import generate
 from abliterate.checkpoint import Checkpoint
 from abliterate.direction import AblationWeights, Direction
@@ -72,7 +73,7 @@ DEFAULT_TRIALS = 50
 SUPPORTED_METHODS = ("standard", "projected")
 # Settings a study's objectives depend on: a resumed study must be run with the same values.
 STUDY_KEYS = ("model", "revision", "lang", "prompts", "method", "n_train", "n_val", "layer", "pos", "prune_layers",
-              "kl_threshold", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "judge")
+              "kl_threshold", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "judge", "quantize")
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,15 @@ class LayerDirections:
 # --- objectives -------------------------------------------------------------------------------------------
 
 
+def trial_prompts(settings: Settings, options: OptimizeOptions) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The harmful and harmless val instructions of every trial, per language."""
+    langs = parse_languages(settings.langs)
+    source = prompts.load(settings.prompts, default_lang=settings.lang)
+    harmful = {lang: source.instructions(lang, "harmful", "val", options.trial_prompts) for lang in langs}
+    harmless = {lang: source.instructions(lang, "harmless", "val", options.kl_prompts) for lang in langs}
+    return harmful, harmless
+
+
 @dataclass
 class TrialSet:
     """The fixed prompts every trial is measured on, and the unedited model's logits on the harmless ones."""
@@ -253,10 +263,9 @@ class TrialSet:
     @classmethod
     def build(cls, loaded: LoadedModel, settings: Settings, options: OptimizeOptions) -> TrialSet:
         langs = parse_languages(settings.langs)
-        source = prompts.load(settings.prompts, default_lang=settings.lang)
-        harmful = {lang: source.instructions(lang, "harmful", "val", options.trial_prompts) for lang in langs}
-        harmless = {lang: source.instructions(lang, "harmless", "val", options.kl_prompts) for lang in langs}
-        batches = make_batches(loaded.tokenizer, [t for lang in langs for t in harmless[lang]], settings.batch_size)
+        harmful, harmless = trial_prompts(settings, options)
+        batches = make_batches(loaded.tokenizer, [t for lang in langs for t in harmless[lang]],
+                               fixed_batch_size(settings.batch_size))
         return cls(
             langs,
             [t for lang in langs for t in harmful[lang]],
@@ -479,10 +488,12 @@ def _space_from(stored: dict[str, Any]) -> SearchSpace:
 
 def run_search(settings: Settings, options: OptimizeOptions, stored: dict[str, Any] | None) -> int:
     """Load the model, create or resume the study, and run trials until it holds `options.trials`; new trials."""
-    from abliterate.pipeline import load
+    from abliterate.pipeline import load, resolve_batch_size
 
     folder = options.study
     loaded = load(settings)
+    trial_texts = [text for per_lang in trial_prompts(settings, options) for ts in per_lang.values() for text in ts]
+    settings = resolve_batch_size(settings, loaded, trial_texts)
     if stored is None:
         directions = compute_directions(loaded, settings)
         space = search_space(directions, settings)
@@ -497,7 +508,7 @@ def run_search(settings: Settings, options: OptimizeOptions, stored: dict[str, A
         return 0
     judge = make_judge(settings.judge, device=settings.device, dtype=settings.dtype)
     searcher = Searcher(loaded, directions, space, TrialSet.build(loaded, settings, options), judge, options,
-                        settings.batch_size)
+                        fixed_batch_size(settings.batch_size))
     for _ in progress.track(range(remaining), "optimize", remaining, "trial"):
         searcher.run_trial(study)
     return remaining

@@ -26,8 +26,8 @@ def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_output(out: Path, *, overwrite: bool, sources: Sequence[Path] = ()) -> Path:
-    """Validate an output folder before any work is done; return its absolute path."""
+def check_output(out: Path, *, overwrite: bool, sources: Sequence[Path] = (), file: bool = False) -> Path:
+    """Validate an output folder (or, with `file`, an output file) before any work is done; return its path."""
     out = Path(out).expanduser().resolve()
     for source in sources:
         source = Path(source).expanduser().resolve()
@@ -39,8 +39,9 @@ def check_output(out: Path, *, overwrite: bool, sources: Sequence[Path] = ()) ->
             raise OutputError(f"the source model is inside --out {out}", hint="choose a folder that does not hold it")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists", hint="pass --overwrite to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder", hint="choose another --out")
+    if out.exists() and out.is_dir() == file:
+        kind = "a folder" if file else "not a folder"
+        raise OutputError(f"{out} exists and is {kind}", hint="choose another --out")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent

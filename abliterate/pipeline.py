@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,16 +18,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate import __version__, progress, prompts
 from abliterate.archs import Architecture, lookup
-from abliterate.chat import post_instruction_length, set_chat_template
+from abliterate.batching import choose_batch_size, fixed_batch_size
+from abliterate.chat import encode, post_instruction_length, render, set_chat_template
 from abliterate.checkpoint import Checkpoint
 from abliterate.direction import DIRECTION_FILE, Direction
 from abliterate.directions import Candidates, make_batches, make_candidates, mean_activations
+from abliterate.engines import check_engine
 from abliterate.errors import UsageError
-from abliterate.evaluate import EditEvaluation
-from abliterate.loading import ModelSource, load_model, resolve
+from abliterate.evaluate import EditEvaluation, EvalOptions, select_prompts
+from abliterate.hooks import ForwardCount, count_forwards
+from abliterate.loading import ModelSource, check_quantize, load_model, resolve
 from abliterate.orthogonalize import read_config, write_checkpoint
 from abliterate.output import atomic_output, check_output
-from abliterate.provenance import record_output
+from abliterate.provenance import FileHasher, record_output
 from abliterate.selection import (
     CandidateScore,
     ScreeningSet,
@@ -37,13 +41,15 @@ from abliterate.selection import (
     finalists,
     refusal_score,
     score_candidate,
-    screen_candidate,
+    screen_group,
+    screen_groups,
 )
 from abliterate.settings import Settings
 
 log = logging.getLogger(__name__)
 
 CANDIDATES_FILE = "candidates.json"
+STAGES = ("filter", "activations", "screening", "finalists")  # the direction search's stages of forward passes
 
 
 @dataclass
@@ -81,6 +87,8 @@ class DirectionResult:
     n_pos: int
     filtered: dict[str, int] = field(default_factory=dict)
     splits: PromptSplits | None = None  # the instructions actually used (after filtering), for provenance
+    forward_passes: dict[str, ForwardCount] = field(default_factory=dict)  # per stage (STAGES)
+    batch_size: int | None = None  # the batch size the search ran with (--batch-size auto resolved)
 
     def report(self) -> dict[str, object]:
         """The content of candidates.json."""
@@ -93,19 +101,49 @@ class DirectionResult:
             "post_instruction_tokens": self.n_pos,
             "sink_layers": self.candidates.sink_layers,
             "prompts_after_filter": self.filtered,
+            "batch_size": self.batch_size,
+            **forward_pass_report(self.forward_passes),
             "candidates": [s.row() for s in self.scores],
         }
 
 
+def forward_pass_report(counts: dict[str, ForwardCount]) -> dict[str, dict[str, int]]:
+    """`forward_passes` (model calls) and `forward_rows` (prompts they carried) per stage, with totals."""
+    stages = {stage: counts.get(stage, ForwardCount()) for stage in STAGES}
+    total = sum(stages.values(), ForwardCount())
+    return {
+        "forward_passes": {**{k: c.calls for k, c in stages.items()}, "total": total.calls},
+        "forward_rows": {**{k: c.rows for k, c in stages.items()}, "total": total.rows},
+    }
+
+
 def load(settings: Settings) -> LoadedModel:
     """Resolve and load the model; check its family and chat template before any work."""
+    check_quantize(settings.quantize)  # before a download
     source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)
     arch = lookup(str(read_config(source.folder)["model_type"]))
     model, tokenizer = load_model(
-        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code
+        source, dtype=settings.dtype, device=settings.device, trust_remote_code=settings.trust_remote_code,
+        quantize=settings.quantize,
     )
     set_chat_template(tokenizer, settings.chat_template, settings.model)
     return LoadedModel(source, model, tokenizer, arch)
+
+
+def resolve_batch_size(settings: Settings, loaded: LoadedModel, extra: Sequence[str] = ()) -> Settings:
+    """`settings` with --batch-size auto replaced by a number measured on `loaded` (unchanged otherwise).
+
+    Measured on the run's direction prompts plus `extra` (other prompts the run will forward: evaluation or
+    other languages), capped at the largest prompt set one stage forwards; call it once, after loading.
+    """
+    if settings.batch_size != "auto":
+        return settings
+    splits = load_prompts(settings)
+    groups = list(vars(splits).values())
+    texts = [text for group in groups for text in group] + list(extra)
+    size = choose_batch_size(loaded.model, loaded.tokenizer, texts, max(len(group) for group in groups))
+    log.info("--batch-size auto: %d prompts per forward pass (on %s)", size, loaded.model.device)
+    return settings.model_copy(update={"batch_size": size})
 
 
 def check_layer_choice(settings: Settings, n_layers: int, n_pos: int) -> None:
@@ -172,8 +210,9 @@ def filter_prompts(loaded: LoadedModel, splits: PromptSplits, ids: list[int], ba
 
 def compute_candidates(loaded: LoadedModel, splits: PromptSplits, n_pos: int, settings: Settings) -> Candidates:
     args = (loaded.model, loaded.tokenizer, loaded.arch)
-    harmful, _ = mean_activations(*args, splits.harmful_train, n_pos, settings.batch_size, "harmful activations")
-    harmless, sink = mean_activations(*args, splits.harmless_train, n_pos, settings.batch_size, "harmless activations")
+    bs = fixed_batch_size(settings.batch_size)
+    harmful, _ = mean_activations(*args, splits.harmful_train, n_pos, bs, "harmful activations")
+    harmless, sink = mean_activations(*args, splits.harmless_train, n_pos, bs, "harmless activations")
     return make_candidates(harmful, harmless, sink, settings.method)
 
 
@@ -184,6 +223,20 @@ def candidate_grid(loaded: LoadedModel, candidates: Candidates, settings: Settin
     return [CandidateScore(p, layer) for layer in layers for p in positions]
 
 
+def longest_prompt(tokenizer: PreTrainedTokenizerBase, splits: PromptSplits) -> int:
+    """Tokens in the longest rendered prompt of the splits."""
+    texts = [text for group in vars(splits).values() for text in group]
+    return max(len(ids) for ids in encode(tokenizer, [render(tokenizer, text) for text in texts]))
+
+
+def screening_set(loaded: LoadedModel, splits: PromptSplits, n: int) -> ScreeningSet:
+    """The first `n` harmful and harmless val prompts in one batch, with their unedited logits."""
+    harmful, harmless = splits.harmful_val[:n], splits.harmless_val[:n]
+    batches = make_batches(loaded.tokenizer, harmful + harmless, len(harmful) + len(harmless))
+    [(indices, batch)] = batches
+    return ScreeningSet(indices, batch, len(harmful), collect_logits(loaded.model, batches))
+
+
 def screen_candidates(
     loaded: LoadedModel,
     candidates: Candidates,
@@ -191,16 +244,23 @@ def screen_candidates(
     splits: PromptSplits,
     ids: list[int],
     settings: Settings,
+    *,
+    grouped: bool = True,
 ) -> list[CandidateScore]:
-    """First pass: ablation on a few prompts for every candidate; returns the finalists."""
+    """First pass: ablation on a few prompts for every candidate, several per forward pass; returns the finalists.
+
+    A pass holds as many copies of the screening batch as fit in the tokens of one batch of `batch_size` of the
+    run's longest prompts (`selection.screen_groups`); `grouped=False` screens one candidate per pass.
+    """
     if len(grid) <= settings.finalists:
         return grid
-    n = settings.screen_prompts
-    harmful, harmless = splits.harmful_val[:n], splits.harmless_val[:n]
-    batches = make_batches(loaded.tokenizer, harmful + harmless, len(harmful) + len(harmless))
-    screen = ScreeningSet(batches, len(harmful), collect_logits(loaded.model, batches))
-    for score in progress.track(grid, "screening candidates", len(grid), "cand"):
-        screen_candidate(loaded.model, loaded.arch, candidates, score, screen, ids)
+    screen = screening_set(loaded, splits, settings.screen_prompts)
+    budget = fixed_batch_size(settings.batch_size) * longest_prompt(loaded.tokenizer, splits)
+    size = screen_groups(budget, screen.tokens, len(grid)) if grouped else 1
+    chunks = [grid[i : i + size] for i in range(0, len(grid), size)]
+    log.info("screening %d candidates, %d per forward pass (%d passes)", len(grid), size, len(chunks))
+    for chunk in progress.track(chunks, "screening candidates", len(chunks), "pass"):
+        screen_group(loaded.model, loaded.arch, candidates, chunk, screen, ids)
     return finalists(grid, settings.finalists, settings.kl_threshold)
 
 
@@ -213,28 +273,48 @@ def score_finalists(
     settings: Settings,
 ) -> None:
     """Second pass: refusal, induce and KL scores on all validation prompts."""
-    tok, bs = loaded.tokenizer, settings.batch_size
+    tok, bs = loaded.tokenizer, fixed_batch_size(settings.batch_size)
     harmless = make_batches(tok, splits.harmless_val, bs)
     val = ValidationSet(make_batches(tok, splits.harmful_val, bs), harmless, collect_logits(loaded.model, harmless))
     for score in progress.track(chosen, "scoring finalists", len(chosen), "cand"):
         score_candidate(loaded.model, loaded.arch, candidates, score, val, ids)
 
 
-def find_direction(settings: Settings, loaded: LoadedModel) -> DirectionResult:
-    """Prompts -> filtered prompts -> candidates -> scores -> chosen direction."""
+def log_forward_passes(counts: dict[str, ForwardCount]) -> None:
+    report = forward_pass_report(counts)
+    calls, rows = report["forward_passes"], report["forward_rows"]
+    log.info(
+        "forward passes: %s (total %d passes, %d prompt rows)",
+        ", ".join(f"{stage} {calls[stage]}" for stage in STAGES),
+        calls["total"],
+        rows["total"],
+    )
+
+
+def find_direction(settings: Settings, loaded: LoadedModel, *, grouped_screening: bool = True) -> DirectionResult:
+    """Prompts -> filtered prompts -> candidates -> scores -> chosen direction.
+
+    Resolves --batch-size auto first if the caller has not; counts the model's forward passes per stage.
+    """
+    settings = resolve_batch_size(settings, loaded)
     n_pos = post_instruction_length(loaded.tokenizer)
     check_layer_choice(settings, loaded.n_layers, n_pos)
     splits = load_prompts(settings)
     ids = refusal_ids(settings, loaded.tokenizer)
     log.info("refusal tokens: %s", loaded.tokenizer.convert_ids_to_tokens(ids))
-    if settings.filter_prompts:
-        splits = filter_prompts(loaded, splits, ids, settings.batch_size)
+    passes: dict[str, ForwardCount] = {}
+    with count_forwards(loaded.model) as passes["filter"]:
+        if settings.filter_prompts:
+            splits = filter_prompts(loaded, splits, ids, fixed_batch_size(settings.batch_size))
     filtered = {k: len(v) for k, v in vars(splits).items()}
-    candidates = compute_candidates(loaded, splits, n_pos, settings)
+    with count_forwards(loaded.model) as passes["activations"]:
+        candidates = compute_candidates(loaded, splits, n_pos, settings)
     scores = candidate_grid(loaded, candidates, settings)
-    score_finalists(
-        loaded, candidates, screen_candidates(loaded, candidates, scores, splits, ids, settings), splits, ids, settings
-    )
+    with count_forwards(loaded.model) as passes["screening"]:
+        chosen = screen_candidates(loaded, candidates, scores, splits, ids, settings, grouped=grouped_screening)
+    with count_forwards(loaded.model) as passes["finalists"]:
+        score_finalists(loaded, candidates, chosen, splits, ids, settings)
+    log_forward_passes(passes)
     best = choose(scores, settings.kl_threshold)
     direction = Direction(
         candidates.vector(best.pos, best.layer),
@@ -252,13 +332,14 @@ def find_direction(settings: Settings, loaded: LoadedModel) -> DirectionResult:
         best.induce,
         best.kl,
     )
-    return DirectionResult(direction, best, scores, candidates, n_pos, filtered, splits)
+    batch_size = fixed_batch_size(settings.batch_size)
+    return DirectionResult(direction, best, scores, candidates, n_pos, filtered, splits, passes, batch_size)
 
 
 def run_directions(settings: Settings) -> DirectionResult:
     """`abliterate directions`: compute and save the direction and every candidate's scores."""
     out = _directions_path(settings)
-    check_output(out, overwrite=settings.overwrite)
+    check_output(out, overwrite=settings.overwrite, file=True)
     result = find_direction(settings, load(settings))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.direction.save(out)
@@ -281,13 +362,24 @@ class EditResult:
     report: dict[str, object] | None = None  # the before/after evaluation (abliterate/report.json), if run
 
 
+def evaluation_texts(settings: Settings) -> list[str]:
+    """The instructions the evaluation inside `edit` will answer (for --batch-size auto)."""
+    options = EvalOptions(langs=settings.langs, prompts=settings.prompts, n_prompts=settings.eval_prompts)
+    return [p.instruction for kinds in select_prompts(options).values() for group in kinds.values() for p in group]
+
+
 def run_edit(settings: Settings) -> EditResult:
     """`abliterate edit`: direction, then the streaming edit of the source checkpoint into --out."""
     if settings.out is None:
         raise UsageError("no output folder given", hint="pass --out DIR")
+    check_quantize(settings.quantize)
+    if settings.eval:
+        check_engine(settings.engine, settings.quantize)  # vLLM and a GPU, before any model is loaded
     resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL first
     loaded = load(settings)
     check_output(settings.out, overwrite=settings.overwrite, sources=[loaded.source.folder])
+    settings = resolve_batch_size(settings, loaded, evaluation_texts(settings) if settings.eval else ())
+    assert settings.out is not None  # checked above; resolving the batch size keeps it
     evaluation = EditEvaluation.prepare(settings) if settings.eval else None  # fails fast (tasks, prompts, judge)
     result = find_direction(settings, loaded)
     if evaluation is not None:
@@ -296,10 +388,11 @@ def run_edit(settings: Settings) -> EditResult:
     del loaded  # free the forward-pass model before streaming the checkpoint
     config = read_config(source.folder)
     checkpoint = Checkpoint.open(source.folder, allow_pickle=settings.allow_pickle)
-    with atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder]) as tmp:
-        plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes)
+    output = atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder])
+    with output as tmp, FileHasher() as hasher:
+        plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes, hasher)
         (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
         # the written checkpoint is evaluated before provenance, so that the report is hashed and in the card
         report = evaluation.measure_edited(tmp, str(settings.out)) if evaluation is not None else None
-        record_output(tmp, source, checkpoint, plan, result.direction, settings=settings, result=result)
+        record_output(tmp, source, checkpoint, plan, result.direction, settings=settings, result=result, hasher=hasher)
     return EditResult(Path(settings.out).resolve(), result, len(plan.edits), report)

@@ -8,8 +8,12 @@ For every candidate outside the last `prune_fraction` of layers, on validation p
 - KL divergence of the first answer token under ablation (harmless prompts) — small means little damage.
 Candidates with induce > 0 and KL < threshold are kept; the lowest refusal score wins.
 
-To keep this cheap, every candidate is first screened on a few validation prompts (ablation only, one
-batch), and only the most promising finalists get the full three scores (docs/performance.md).
+To keep this cheap, every candidate is first screened on a few validation prompts (ablation only), and only
+the most promising finalists get the full three scores (docs/performance.md). Screening packs several
+candidates into one forward pass: the screening batch is repeated once per candidate along the batch axis and
+each copy is ablated with its own direction (`grouped_directional_ablation`). A pass holds at most as many
+tokens (rows x padded length) as one batch of `batch_size` of the run's longest prompts, so it needs no more
+memory than the passes that compute the mean activations (`screen_groups`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import torch
 from transformers import BatchEncoding, PreTrainedModel
 
 from abliterate.archs import Architecture
-from abliterate.directions import Candidates, run_batches
-from abliterate.hooks import activation_addition, directional_ablation
+from abliterate.directions import Candidates, forward_last_logits, run_batches
+from abliterate.hooks import activation_addition, directional_ablation, grouped_directional_ablation
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +91,62 @@ class ValidationSet:
 class ScreeningSet:
     """A few harmful and harmless validation prompts in one batch, for the cheap first pass."""
 
-    batches: Batches
+    indices: list[int]  # each batch row's prompt (harmful first, then harmless)
+    batch: BatchEncoding
     n_harmful: int
-    base_logits: torch.Tensor  # unedited logits of all rows, in order
+    base_logits: torch.Tensor  # unedited logits of all prompts, in prompt order
+
+    @property
+    def rows(self) -> int:
+        return len(self.indices)
+
+    @property
+    def tokens(self) -> int:
+        """Rows times padded length: the size of one copy of the batch."""
+        return int(self.batch["input_ids"].numel())
 
 
-def screen_candidate(
+def screen_groups(token_budget: int, screen_tokens: int, n_candidates: int) -> int:
+    """Candidates per screening pass: copies of the screening batch that fit in `token_budget` tokens (>= 1).
+
+    The candidates are then spread evenly over the passes this needs, so that no pass is larger than necessary.
+    """
+    most = max(1, min(n_candidates, token_budget // max(1, screen_tokens)))
+    passes = math.ceil(n_candidates / most)
+    return math.ceil(n_candidates / passes) if n_candidates else 1
+
+
+def repeat_batch(batch: BatchEncoding, times: int) -> BatchEncoding:
+    """The batch's rows `times` times over, copy after copy."""
+    return BatchEncoding({key: value.repeat(times, *([1] * (value.dim() - 1))) for key, value in batch.items()})
+
+
+def screening_logits(
+    model: PreTrainedModel, arch: Architecture, directions: torch.Tensor, screen: ScreeningSet
+) -> torch.Tensor:
+    """Last-position logits [k, prompts, vocab] of the screening prompts with directions[k] ablated, one pass."""
+    groups = int(directions.shape[0])
+    with grouped_directional_ablation(model, arch, directions, screen.rows), torch.inference_mode():
+        logits = forward_last_logits(model, repeat_batch(screen.batch, groups)).cpu()
+    out = torch.empty(groups, screen.rows, logits.shape[-1], dtype=torch.float32)
+    out[:, screen.indices] = logits.view(groups, screen.rows, -1)
+    return out
+
+
+def screen_group(
     model: PreTrainedModel,
     arch: Architecture,
     candidates: Candidates,
-    score: CandidateScore,
+    scores: list[CandidateScore],
     screen: ScreeningSet,
     refusal_ids: list[int],
 ) -> None:
-    """Fill `score.screen_refusal` and `score.screen_kl` from one ablated pass over the screening prompts."""
-    with directional_ablation(model, arch, candidates.vector(score.pos, score.layer)):
-        logits = collect_logits(model, screen.batches)
+    """Fill `screen_refusal` and `screen_kl` of every score in `scores` from one grouped ablated pass."""
+    directions = torch.stack([candidates.vector(s.pos, s.layer) for s in scores])
     n = screen.n_harmful
-    score.screen_refusal = float(refusal_score(logits[:n], refusal_ids).mean())
-    score.screen_kl = float(kl_divergence(screen.base_logits[n:], logits[n:]).mean())
+    for score, logits in zip(scores, screening_logits(model, arch, directions, screen), strict=True):
+        score.screen_refusal = float(refusal_score(logits[:n], refusal_ids).mean())
+        score.screen_kl = float(kl_divergence(screen.base_logits[n:], logits[n:]).mean())
 
 
 def finalists(scores: list[CandidateScore], count: int, kl_threshold: float) -> list[CandidateScore]:

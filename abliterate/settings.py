@@ -7,7 +7,7 @@ its options from the field descriptions here, so help text and validation live i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,12 +38,21 @@ class Settings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where forward passes run (auto: all GPUs via device_map=auto if any, else CPU)."
     )
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="Load the model for forward passes with bitsandbytes (4bit: NF4; needs the quantize extra); "
+        "the edit still streams the original full-precision shards, and the edited model is evaluated the same way.",
+    )
     trust_remote_code: bool = Field(
         False, description="Allow the model's own Python code to run (only if you trust it)."
     )
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) checkpoints, which can run code when loaded.")
     chat_template: Path | None = Field(None, description="Jinja chat template file, for models that lack one.")
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        16,
+        description="Prompts per forward pass, or auto: measured once after the model loads (on a GPU the largest "
+        "batch of the longest prompts that fits in memory, up to 256; on the CPU the fastest per prompt).",
+    )
     n_train: int = Field(128, ge=2, description="Harmful and harmless train prompts used for the mean activations.")
     n_val: int = Field(32, ge=1, description="Harmful and harmless validation prompts used to select the direction.")
     layer: int | None = Field(None, ge=0, description="Use the direction from this layer (skips the layer search).")
@@ -82,6 +91,11 @@ class Settings(BaseModel):
     )
     limit: int | None = Field(None, ge=1, description="Examples per lm-eval task (default: all), for quick runs.")
     max_new_tokens: int = Field(128, ge=1, description="Greedy answer length cap in the refusal benchmark.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="What generates the refusal benchmark's answers: hf (transformers) or vllm (vLLM from the model "
+        "folder, in a child process; needs the vllm extra and a CUDA GPU).",
+    )
     eval_prompts: int | None = Field(
         None, ge=1, description="Harmful and harmless test prompts per language in the evaluation (default: all)."
     )
@@ -97,6 +111,18 @@ class Settings(BaseModel):
         if not parse_languages(value):
             raise UsageError("--langs names no language", hint=f"use all or some of: {' '.join(LANGUAGES)}")
         return value
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value: Any) -> Any:
+        """A whole number >= 1 (also as text, from a flag) or auto; anything else is one clear error."""
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+            raise UsageError(f"batch_size must be a whole number >= 1 or auto, got {value!r}",
+                             hint="e.g. --batch-size 16, or --batch-size auto")
+        return int(text)
 
     @field_validator("max_shard_size")
     @classmethod

@@ -141,6 +141,17 @@ class TestBadInput:
         assert_one_line_error(done, "already exists", "--overwrite")
         assert (out / "keep.txt").read_text() == "mine"
 
+    def test_directions_overwrite_replaces_a_file(self, tiny_chat: Path, tmp_path: Path) -> None:
+        out = tmp_path / "r.safetensors"
+        search = [a for a in FAST if a != "--no-eval"]
+        run("directions", tiny_chat, "--out", out, "--layer", "1", "--pos", "-1", *search, check=True)
+        before = out.read_bytes()
+        assert_one_line_error(run("directions", tiny_chat, "--out", out, *search), "already exists", "--overwrite")
+        assert out.read_bytes() == before
+        done = run("directions", tiny_chat, "--out", out, "--layer", "2", "--pos", "-1", "--overwrite", *search)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() != before
+
     def test_direction_of_wrong_size(self, tiny_chat: Path, tmp_path: Path) -> None:
         Direction(torch.randn(48)).save(tmp_path / "r.safetensors")
         done = run("apply", tiny_chat, "--direction", tmp_path / "r.safetensors", "--out", tmp_path / "out")
@@ -159,3 +170,16 @@ class TestBadInput:
     def test_traceback_only_with_verbose(self, tmp_path: Path) -> None:
         done = run("-v", "edit", tmp_path / "nope", "--out", tmp_path / "out")
         assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_batch_size_auto_end_to_end(tiny_chat: Path, tmp_path: Path) -> None:
+    at = FAST.index("--batch-size")
+    fast = [*FAST[:at], *FAST[at + 2 : -1], "--no-filter-prompts"]  # --no-eval is not a `directions` option
+    run("directions", tiny_chat, "--out", tmp_path / "r.safetensors", "--batch-size", "auto", *fast, check=True)
+    report = json.loads((tmp_path / "r.candidates.json").read_text())
+    assert report["batch_size"] in {1, 2, 4, 8}  # powers of two up to the 8 prompts of a train split
+    passes = report["forward_passes"]
+    assert passes["filter"] == 0 and passes["total"] == sum(v for k, v in passes.items() if k != "total")
+    assert passes["activations"] == 2 * -(-8 // report["batch_size"])
+    assert_one_line_error(run("eval", tiny_chat, "--out", tmp_path / "e.json", "--batch-size", "auto"), "auto")
+    assert_one_line_error(run("directions", tiny_chat, "--out", tmp_path / "x", "--batch-size", "0"), "batch_size")
