@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,15 +92,25 @@ def evict(paths: list[Path]) -> None:
 
 
 def run(cmd: list[str], *, sync: bool) -> tuple[float, int, float]:
-    """Wall time of `cmd` (plus `sync` of everything it wrote, if asked), its own peak RSS (bytes), CPU seconds."""
+    """Wall time of `cmd` (plus `sync` of everything it wrote, if asked), its own peak RSS (bytes), CPU seconds.
+
+    The command runs under GNU time, which reports the peak of the command alone: a child forked straight
+    from this (large) Python process would count this process's pages in its own peak RSS.
+    """
+    report = Path(tempfile.mkstemp(suffix=".time")[1])
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{cmd[:4]} failed: {proc.stderr.read().decode() if proc.stderr else status}")
+    done = subprocess.run(
+        ["/usr/bin/time", "-o", str(report), "-f", "%M %U %S", *cmd], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed: {done.stderr}")
     if sync:
         os.sync()
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+    elapsed = time.perf_counter() - start
+    peak_kib, user, system = report.read_text().split()[-3:]
+    report.unlink()
+    return elapsed, int(peak_kib) * 1024, float(user) + float(system)
 
 
 def measure(source: Path, work: Path, *, cold: bool) -> dict[str, float]:
