@@ -6,7 +6,8 @@ Prints one table, each figure as a ratio to its limit (docs/performance.md):
 - activation capture: wall time under `capture_residuals` / plain forward of the same batches (bench_forward.py);
 - direction search: forward passes of a full `find_direction` (bench_forward.py);
 - benchmark generation: answer tokens per second of `benchmark.generate` (batched, length-sorted, stopping when
-  every row has ended) / raw decoding throughput of `model.generate` on a full batch of one prompt forced to
+  every row has ended; harmful and harmless prompts generated separately, as the evaluation does) / raw decoding
+  throughput of `model.generate` on a full batch of one prompt forced to
   `max_new_tokens` (no padding, no early stop: what the hardware decodes).
 
     python tests/benchmarks/performance.py                     # SmolLM2 (or the organism) + a 2.4 GB checkpoint
@@ -40,15 +41,17 @@ def measure_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, bat
     """Useful answer tokens/s of the benchmark's generation against the raw decoding throughput."""
     model, tokenizer = load_model(ModelSource(str(model_dir), model_dir), dtype="auto", device="auto")
     builtin = prompts.load("builtin")
-    texts = [
-        *builtin.instructions("en", "harmful", "test", n_prompts // 2),
-        *builtin.instructions("en", "harmless", "test", n_prompts - n_prompts // 2),
-    ]
+    kinds = {  # generated one kind at a time, as the evaluation does (refusals are short, answers long)
+        "harmful": builtin.instructions("en", "harmful", "test", n_prompts // 2),
+        "harmless": builtin.instructions("en", "harmless", "test", n_prompts - n_prompts // 2),
+    }
+    texts = [text for group in kinds.values() for text in group]
     benchmark.generate(model, tokenizer, texts[:2], 4, 2)  # warm-up
     start = time.perf_counter()
-    result = benchmark.generate(model, tokenizer, texts, max_new_tokens, batch_size)
+    results = [benchmark.generate(model, tokenizer, group, max_new_tokens, batch_size) for group in kinds.values()]
     ours = time.perf_counter() - start
-    useful = sum(len(ids) + int(done) for ids, done in zip(result.ids, result.finished, strict=True))
+    ended = [(ids, done) for result in results for ids, done in zip(result.ids, result.finished, strict=True)]
+    useful = sum(len(ids) + int(done) for ids, done in ended)
     lengths = sorted(encode(tokenizer, [render(tokenizer, t) for t in texts]), key=len)
     median = lengths[len(lengths) // 2]
     batch = tokenizer.pad({"input_ids": [median] * batch_size}, return_tensors="pt").to(model.device)
@@ -67,7 +70,7 @@ def measure_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, bat
         "tokens_per_s": useful / ours,
         "raw_tokens_per_s": raw_rate,
         "ratio": useful / ours / raw_rate,
-        "finished": sum(result.finished),
+        "finished": sum(done for _ids, done in ended),
     }
 
 
