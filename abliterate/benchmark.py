@@ -52,16 +52,20 @@ class RefusalResult:
         return sum(self.verdicts)
 
 
-def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+def token_ids(*values: object) -> list[int]:
+    """The ids in `values` (each an id, a list of ids, or None), unique and sorted."""
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, configured):
+    for value in values:
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list | tuple):
             ids.update(int(v) for v in value)
     return sorted(ids)
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    return token_ids(tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
 
 
 def _cut(row: list[int], stops: set[int]) -> tuple[list[int], bool]:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from abliterate.benchmark import Generation
+from abliterate.benchmark import Generation, token_ids
 from abliterate.chat import encode, render
 from abliterate.errors import ModelError, UsageError
 from abliterate.loading import DTYPES, module_installed, resolve_dtype
@@ -112,13 +112,7 @@ def folder_stop_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[in
             configured = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
             if configured is not None:
                 break
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, configured):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
+    return token_ids(tokenizer.eos_token_id, configured)
 
 
 def cut_answer(token_ids: Sequence[int], stops: Sequence[int], finish_reason: str | None) -> tuple[list[int], bool]:
@@ -167,8 +161,8 @@ def generate(
     log.info("generating %d answers with vLLM from %s", len(prompt_ids), folder)
     response = run_child(request)
     ids, finished = [], []
-    for token_ids, reason in zip(response["token_ids"], response["finish_reasons"], strict=True):
-        answer, ended = cut_answer(token_ids, stops, reason)
+    for answer_ids, reason in zip(response["token_ids"], response["finish_reasons"], strict=True):
+        answer, ended = cut_answer(answer_ids, stops, reason)
         ids.append(answer)
         finished.append(ended)
     texts = [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
