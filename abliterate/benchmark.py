@@ -1,10 +1,10 @@
 """Behavioural measurements of a chat model: greedy answers, refusal rate, first-token KL, fluency.
 
 Owns batched greedy generation through the model's chat template (left padding, length-sorted batches from
-`directions.make_batches`; generation stops when every row has ended), the refusal rate of those answers
-under a `Judge`, the per-prompt KL divergence of the first answer token between two models, and a cheap
-fluency check (non-empty, not a repetitive loop). Shared by the model organism, `abliterate demo` and the
-evaluation of edited models.
+`directions.make_batches`; each row leaves the batch as soon as it has ended, `greedy_rows`), the refusal
+rate of those answers under a `Judge`, the per-prompt KL divergence of the first answer token between two
+models, and a cheap fluency check (non-empty, not a repetitive loop). Shared by the model organism,
+`abliterate demo` and the evaluation of edited models.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ MIN_DISTINCT_RATIO = 0.3
 """An answer whose distinct-token share is below this is a repetitive loop."""
 MIN_FLUENCY_TOKENS = 8
 """Answers shorter than this many tokens are not checked for loops (short answers are fine)."""
+COMPACT_SHARE = 4
+"""Finished rows leave the batch once they are at least 1/COMPACT_SHARE of it: dropping them one by one makes
+every step a new matrix shape, which on the CPU cost more than the rows saved (docs/performance.md)."""
 
 
 @dataclass
@@ -75,6 +78,61 @@ def _cut(row: list[int], stops: set[int]) -> tuple[list[int], bool]:
     return row, False
 
 
+def greedy_rows(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stops: list[int]
+) -> list[list[int]] | None:
+    """Greedy continuation of a left-padded batch that drops finished rows as it goes.
+
+    Once a quarter of the rows have ended, they leave the batch and the KV cache
+    (`Cache.batch_select_indices`), where `model.generate` would keep computing them until the whole batch
+    ends, which on refusal prompts (short refusals beside long answers) is much of the work. Positions follow the
+    attention mask, as in `generate`, so the tokens are the same (tests compare the two on every family).
+    Returns None for a model whose cache cannot drop rows (the caller then uses `generate`).
+    """
+    device = input_ids.device
+    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    alive = torch.arange(input_ids.shape[0])
+    stop_tensor = torch.tensor(stops, device=device)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache, last = out.past_key_values, positions[:, -1]
+    if not hasattr(cache, "batch_select_indices"):
+        return None
+    ended = torch.zeros(len(alive), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        tokens = out.logits[:, -1].argmax(dim=-1).to(device)
+        for row, token, done in zip(alive.tolist(), tokens.tolist(), ended.tolist(), strict=True):
+            if not done:
+                rows[row].append(token)
+        ended |= torch.isin(tokens, stop_tensor)
+        n_ended = int(ended.sum())
+        if step == max_new_tokens - 1 or n_ended == len(alive):
+            break
+        if n_ended * COMPACT_SHARE >= len(alive):
+            keep = (~ended).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            alive, tokens, attention_mask, last = alive[keep.cpu()], tokens[keep], attention_mask[keep], last[keep]
+            ended = ended[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+        last = last + 1
+        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=last[:, None],
+                    past_key_values=cache, use_cache=True)
+    return rows
+
+
+def _generate_rows(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], config: GenerationConfig, stops: list[int]
+) -> list[list[int]]:
+    rows = greedy_rows(model, inputs["input_ids"], inputs["attention_mask"], int(config.max_new_tokens), stops)
+    if rows is not None:
+        return rows
+    generate_fn: Any = model.generate  # typed as a Tensor attribute in transformers' stubs
+    out = generate_fn(**inputs, generation_config=config)
+    new: list[list[int]] = out[:, inputs["input_ids"].shape[1]:].tolist()
+    return new
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -94,10 +152,7 @@ def generate(
     with torch.inference_mode():
         for indices, batch in items:
             inputs = {k: v.to(model.device) for k, v in batch.items()}
-            generate_fn: Any = model.generate  # typed as a Tensor attribute in transformers' stubs
-            out = generate_fn(**inputs, generation_config=config)
-            new = out[:, inputs["input_ids"].shape[1]:].tolist()
-            for index, row in zip(indices, new, strict=True):
+            for index, row in zip(indices, _generate_rows(model, inputs, config, stops), strict=True):
                 ids[index], finished[index] = _cut(row, set(stops))
     texts = [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return Generation(ids, texts, finished)

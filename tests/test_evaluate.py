@@ -90,17 +90,18 @@ def options(**given: Any) -> EvalOptions:
 
 
 class GenerateCounter:
-    """Wraps model.generate (the boundary to transformers) and counts the calls."""
+    """Counts the generation batches a model runs: forward calls that start a KV cache (prefills)."""
 
     def __init__(self, model: Any) -> None:
         self.calls = 0
-        self._inner = model.generate
+        inner = model.forward
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return self._inner(*args, **kwargs)
+            if kwargs.get("use_cache") and kwargs.get("past_key_values") is None:
+                self.calls += 1
+            return inner(*args, **kwargs)
 
-        model.generate = counted
+        model.forward = counted
 
 
 # --- results ---------------------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""Greedy generation that drops finished rows gives exactly `model.generate`'s tokens, on every family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build
+from transformers import GenerationConfig
+
+from abliterate.benchmark import greedy_rows
+
+PROMPT_LENGTHS = [5, 9, 12, 7, 10, 3]
+NEW_TOKENS = 16
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of different lengths, left-padded with 0."""
+    generator = torch.Generator().manual_seed(0)
+    width = max(PROMPT_LENGTHS)
+    ids = torch.zeros(len(PROMPT_LENGTHS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(PROMPT_LENGTHS):
+        ids[row, width - length :] = torch.randint(8, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return ids, mask
+
+
+def _until_stop(row: list[int], stops: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stops:
+            return row[: i + 1]
+    return row
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rows_leave_the_batch_and_tokens_match_generate(family: str, tmp_path: Path) -> None:
+    model = build(family, tmp_path / family, tied=False).eval()
+    ids, mask = _batch(model.config.vocab_size)
+    with torch.inference_mode():
+        free = greedy_rows(model, ids, mask, NEW_TOKENS, [-1])  # no stop: every row runs to the end
+        assert free is not None and all(len(row) == NEW_TOKENS for row in free)
+        # Stop tokens that end rows 0, 1 and 2 at different steps, so rows leave while others go on.
+        stops = sorted({free[0][2], free[1][7], free[2][12]})
+        ours = greedy_rows(model, ids, mask, NEW_TOKENS, stops)
+        config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stops, pad_token_id=0)
+        reference = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert ours is not None
+    expected = [_until_stop(row, set(stops)) for row in reference[:, ids.shape[1] :].tolist()]
+    assert [_until_stop(row, set(stops)) for row in ours] == expected
+    assert len({len(row) for row in ours}) > 1, "some rows must have ended before others"
+    assert all(len(row) == NEW_TOKENS or row[-1] in stops for row in ours)
