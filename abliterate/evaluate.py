@@ -298,12 +298,10 @@ def engine_answers(
     }
     found: dict[tuple[str, str], Generation] = {}
     for job in jobs:
-        cached = cache.read(keys[job], len(texts[job]))
+        cached = cache.lookup(keys[job], len(texts[job]))
         if cached is not None:
             found[job] = cached
     missing = [job for job in jobs if job not in found]
-    cache.hits += len(jobs) - len(missing)
-    cache.misses += len(missing)
     if missing:
         generation = engine_generate(
             target.weights, target.tokenizer, [t for job in missing for t in texts[job]], options.max_new_tokens,

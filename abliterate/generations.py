@@ -150,6 +150,15 @@ class GenerationCache:
             return None
         return generation
 
+    def lookup(self, key: str, n: int) -> benchmark.Generation | None:
+        """`read`, counted as a hit or a miss."""
+        cached = self.read(key, n)
+        if cached is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return cached
+
     def write(self, key: str, generation: benchmark.Generation, meta: dict[str, Any]) -> None:
         """Store `generation` under `key` (atomically; a failure to write only logs a warning)."""
         path = self._path(key)
@@ -178,12 +187,10 @@ class GenerationCache:
     ) -> benchmark.Generation:
         """`benchmark.generate`, answered from the cache when this exact call was made before."""
         key = generation_key(identity, model, tokenizer, instructions, max_new_tokens, batch_size)
-        cached = self.read(key, len(instructions))
+        cached = self.lookup(key, len(instructions))
         if cached is not None:
-            self.hits += 1
             log.debug("generation cache hit %s (%s)", key[:12], desc)
             return cached
-        self.misses += 1
         generation = benchmark.generate(model, tokenizer, instructions, max_new_tokens, batch_size, desc)
         meta = {"model": identity, "prompts": len(instructions), "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "what": desc}

@@ -16,7 +16,7 @@ caller reads the means.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +165,17 @@ class _OnDevice:
         return self._cache[key]
 
 
+def _output_hook(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[nn.Module, Any, Any], Any]:
+    """A forward hook that replaces a module's hidden-state output (alone, or first of a tuple) by `edit` of it."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (edit(output[0]), *output[1:])
+        return edit(output)
+
+    return hook
+
+
 def ablate(hidden: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
     """hidden - (hidden . r) r along the last axis."""
     return hidden - (hidden @ unit).unsqueeze(-1) * unit
@@ -175,11 +186,7 @@ def directional_ablation(model: nn.Module, arch: Architecture, direction: torch.
     """Project the unit direction out of every residual-stream write while the context is open."""
     unit = _OnDevice(direction / direction.norm())
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (ablate(output[0], unit.like(output[0])), *output[1:])
-        return ablate(output, unit.like(output))
-
+    hook = _output_hook(lambda hidden: ablate(hidden, unit.like(hidden)))
     handles = [module.register_forward_hook(hook) for module in residual_writers(model, arch)]
     with _hooked(handles):
         yield
@@ -209,11 +216,7 @@ def grouped_directional_ablation(
             raise ValueError(f"grouped ablation expects {expected} rows per pass, got {hidden.shape[0]}")
         return ablate_groups(hidden, units.like(hidden))
 
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        if isinstance(output, tuple):
-            return (edit(output[0]), *output[1:])
-        return edit(output)
-
+    hook = _output_hook(edit)
     handles = [module.register_forward_hook(hook) for module in residual_writers(model, arch)]
     with _hooked(handles):
         yield
@@ -239,13 +242,11 @@ def weighted_ablation(
     unit = _OnDevice(direction / direction.norm())
 
     def make_hook(weight: float) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-            hidden = output[0] if isinstance(output, tuple) else output
+        def edit(hidden: torch.Tensor) -> torch.Tensor:
             r = unit.like(hidden)
-            edited = hidden - weight * (hidden @ r).unsqueeze(-1) * r
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+            return hidden - weight * (hidden @ r).unsqueeze(-1) * r
 
-        return hook
+        return _output_hook(edit)
 
     handles = [
         module.register_forward_hook(make_hook(weight))

@@ -89,9 +89,7 @@ def projected_blocks(
     elif axis == 1:
         yield from _project_rows(tensor, direction, rescale, weight)
     elif rescale:
-        result = torch.empty_like(tensor)
-        _project_columns(tensor, result, direction, rescale, weight)
-        yield result
+        yield _project_columns_rescaled(tensor, direction, weight)
     else:
         yield from _project_columns_two_pass(tensor, direction, weight)
 
@@ -132,10 +130,12 @@ def _project_columns_two_pass(source: torch.Tensor, r: torch.Tensor, weight: flo
         yield block.to(source.dtype)
 
 
-def _project_columns(
-    source: torch.Tensor, result: torch.Tensor, r: torch.Tensor, rescale: bool, weight: float = 1.0
-) -> None:
-    """result <- source - w r r^T source, by column slices; with `rescale`, every column regains its norm."""
+def _project_columns_rescaled(source: torch.Tensor, r: torch.Tensor, weight: float) -> torch.Tensor:
+    """source - w r r^T source by column slices, every column then scaled back to its original norm.
+
+    Column slices, not row blocks: a column's norm after the projection needs the whole column.
+    """
+    result = torch.empty_like(source)
     step = max(1, _CHUNK_ELEMENTS // max(source.shape[0], 1))
     for start in range(0, source.shape[1], step):
         part = slice(start, min(start + step, source.shape[1]))
@@ -143,11 +143,11 @@ def _project_columns(
         coefficients = r @ chunk
         if not torch.isfinite(coefficients).all():
             raise FloatingPointError("NaN or Inf in the tensor")
-        norms = chunk.norm(dim=0) if rescale else None
+        norms = chunk.norm(dim=0)
         chunk.addr_(r, coefficients, alpha=-weight)
-        if norms is not None:
-            _restore_norms(chunk, norms, 0)
+        _restore_norms(chunk, norms, 0)
         result[:, part] = chunk
+    return result
 
 
 def _restore_norms(chunk: torch.Tensor, norms: torch.Tensor, axis: int) -> None:
@@ -264,13 +264,6 @@ def edited_blocks(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Te
         raise CheckpointError(
             f"tensor {name!r} holds NaN or Inf values", hint="the source checkpoint is damaged; download it again"
         ) from None
-
-
-def edit_tensor(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> torch.Tensor:
-    """Load one residual-writing tensor and return it orthogonalized (stored dtype)."""
-    info = checkpoint.tensors[name]
-    blocks = [block.reshape(-1) for block in edited_blocks(plan, checkpoint, name, r)]
-    return torch.cat(blocks).reshape(info.shape)
 
 
 def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:

@@ -16,9 +16,9 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -101,26 +101,19 @@ class FileHasher:
         self.close()
 
 
-def hash_files(folder: Path, names: Sequence[str], hasher: FileHasher | None = None) -> dict[str, dict[str, Any]]:
-    """{relative name: {"sha256", "bytes"}} for files under `folder`, hashed by a few threads.
+def hash_files(folder: Path, names: Sequence[str], hasher: FileHasher) -> dict[str, dict[str, Any]]:
+    """{relative name: {"sha256", "bytes"}} for files under `folder`, by `hasher`'s threads.
 
-    With `hasher`, files it already hashed (or is hashing) are not read again.
+    Files it already hashed (or is hashing) are not read again.
     """
     paths = [Path(folder) / name for name in names]
-    with FileHasher() if hasher is None else _borrowed(hasher) as pool:
-        for path in paths:
-            pool.submit(path)
-        digests = [pool.digest(path) for path in paths]
+    for path in paths:
+        hasher.submit(path)
+    digests = [hasher.digest(path) for path in paths]
     return {
         name: {"sha256": digest, "bytes": path.stat().st_size}
         for name, path, digest in zip(names, paths, digests, strict=True)
     }
-
-
-@contextmanager
-def _borrowed(hasher: FileHasher) -> Iterator[FileHasher]:
-    """A caller's hasher, used without closing it."""
-    yield hasher
 
 
 def output_files(folder: Path) -> list[str]:
@@ -214,7 +207,7 @@ def _source_record(
     source: ModelSource, checkpoint: Checkpoint, requested_revision: str | None, hasher: FileHasher
 ) -> dict[str, Any]:
     folder = Path(checkpoint.folder)
-    weights = sorted({info.file.relative_to(folder).as_posix() for info in checkpoint.tensors.values()})
+    weights = sorted(path.relative_to(folder).as_posix() for path in checkpoint.files())
     record: dict[str, Any] = {
         "model": source.spec,
         "kind": source_kind(source),
@@ -308,7 +301,7 @@ def build_provenance(
     """
     requested = settings.revision if settings is not None else None
     names = output_files(out)
-    with FileHasher() if hasher is None else _borrowed(hasher) as pool:
+    with FileHasher() if hasher is None else nullcontext(hasher) as pool:
         for name in names:  # queued before the source's files, so that both are hashed concurrently
             pool.submit(out / name)
         source_record = _source_record(source, checkpoint, requested, pool)
