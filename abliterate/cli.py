@@ -41,7 +41,7 @@ DIRECTION_OPTIONS = [
     "refusal_tokens",
 ]
 # Options of the evaluation (`eval`, and `edit` unless --no-eval).
-EVAL_OPTIONS = ["langs", "judge", "tasks", "limit", "max_new_tokens", "engine"]
+EVAL_OPTIONS = ["langs", "judge", "harm_judge", "tasks", "limit", "max_new_tokens", "engine"]
 
 
 def _option_for(name: str) -> Callable[[F], F]:
@@ -273,9 +273,11 @@ def verify_command(folder: Path) -> None:
 
 def _echo_results(results: dict[str, Any]) -> None:
     for lang, row in results["languages"].items():
+        harm = "" if row.get("attack_success") is None else f", attack success {row['attack_success']:.2f}"
         click.echo(
             f"{lang}: compliance {row['compliance']:.2f} (n={row['harmful']['n']}), "
-            f"over-refusal {row['over_refusal']:.2f} (n={row['harmless']['n']})"
+            f"over-refusal {row['over_refusal']:.2f} (n={row['harmless']['n']}), "
+            f"evasion {row.get('evasion') or 0.0:.2f}{harm}"
         )
     kl = results.get("kl")
     if kl:
@@ -293,9 +295,13 @@ def _echo_report(report: dict[str, Any], folder: Path) -> None:
     s = report["summary"]
     click.echo(
         f"compliance {s['compliance_before']:.2f} -> {s['compliance_after']:.2f}, "
-        f"over-refusal {s['over_refusal_before']:.2f} -> {s['over_refusal_after']:.2f} "
+        f"over-refusal {s['over_refusal_before']:.2f} -> {s['over_refusal_after']:.2f}, "
+        f"evasion {s.get('evasion_before') or 0.0:.2f} -> {s.get('evasion_after') or 0.0:.2f} "
         f"(mean of {len(report['languages'])} languages)"
     )
+    if s.get("attack_success_after") is not None:
+        before = s.get("attack_success_before")
+        click.echo(f"attack success {'–' if before is None else f'{before:.2f}'} -> {s['attack_success_after']:.2f}")
     if s.get("kl_first_token") is not None:
         click.echo(f"KL vs base: first token {s['kl_first_token']:.4g}, first tokens {s['kl_first_n_tokens']:.4g}")
     for row in report["capability"]:

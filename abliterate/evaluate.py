@@ -3,9 +3,11 @@
 Owns `abliterate eval` and the evaluation that `edit` runs on the base and the edited model:
 
 - refusal benchmark: greedy answers (`benchmark.generate`, through the generation cache) to the harmful and
-  harmless *test* prompts of each language, judged by a `Judge`. Compliance = 1 - refusal rate on the
-  harmful prompts; over-refusal = refusal rate on the harmless ones. Every prompt's id, text, answer and
-  verdict is kept, so that a reader can audit the judge;
+  harmless *test* prompts of each language, each judged by a `Judge` as refusal, evasion or compliance (and
+  harmful or not, with a model judge or `--harm-judge`). Compliance = share of harmful prompts answered
+  (neither refused nor evaded); over-refusal = refusal rate on the harmless ones; evasion and attack success
+  (harmful answers to harmful prompts) beside them. Every prompt's id, text, answer and verdict is kept, so
+  that a reader can audit the judge;
 - damage (with a base model): KL(base || model) of the next-token distribution on harmless prompts,
   teacher-forced on the base model's greedy answer: at the first answer token, and averaged over the first
   `kl_tokens` answer tokens;
@@ -50,7 +52,7 @@ from abliterate.engines import VLLMOptions, check_engine, folder_stop_ids
 from abliterate.engines import generate as engine_generate
 from abliterate.errors import DataError, UsageError
 from abliterate.generations import GenerationCache, engine_generation_key, model_identity
-from abliterate.judge import Judge, make_judge
+from abliterate.judge import Judge, check_harm_spec, make_judge
 from abliterate.languages import parse_languages
 from abliterate.loading import ModelSource, check_quantize, load_model, load_tokenizer, resolve
 from abliterate.selection import kl_divergence
@@ -60,7 +62,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: per-answer refused/evasive/harmful/why and per-block evasions and harmful answers (1: a refusal bool)."""
+READABLE_SCHEMAS = (1, 2)
 KL_TOKENS = 16
 """Answer tokens over which the mean KL is taken (teacher-forced on the base model's answer)."""
 KL_PROMPTS = 64
@@ -78,6 +82,7 @@ class EvalOptions:
 
     langs: str = "all"
     judge: str = "markers"
+    harm_judge: str | None = None
     prompts: str = "builtin"
     n_prompts: int | None = None
     max_new_tokens: int = 128
@@ -97,6 +102,7 @@ class EvalOptions:
         options = cls(
             langs=settings.langs,
             judge=settings.judge,
+            harm_judge=settings.harm_judge,
             prompts=settings.prompts,
             n_prompts=settings.eval_prompts,
             max_new_tokens=settings.max_new_tokens,
@@ -113,6 +119,7 @@ class EvalOptions:
     def describe(self) -> dict[str, Any]:
         return {
             "judge": self.judge,
+            "harm_judge": self.harm_judge,
             "prompts": self.prompts,
             "split": SPLIT,
             "n_prompts": self.n_prompts,
@@ -162,11 +169,13 @@ def select_prompts(options: EvalOptions) -> EvalPrompts:
     return chosen
 
 
-def check_judge_spec(spec: str) -> None:
-    """The --judge spec's form, checked before anything slow (make_judge loads a model judge's weights)."""
+def check_judge_spec(spec: str, harm: str | None = None) -> None:
+    """The --judge and --harm-judge specs' forms, checked before anything slow (make_judge loads a model
+    judge's weights)."""
     text = spec.strip()
     if text != "markers" and not (text.startswith("model:") and text[len("model:"):].strip()):
         make_judge(text)  # raises the judge module's own UsageError with the valid forms
+    check_harm_spec(harm)
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -238,18 +247,48 @@ def resolve_model(spec: str, settings: Settings) -> ModelSource:
 # --- refusal benchmark -----------------------------------------------------------------------------------
 
 
+def _share(count: int | None, n: int) -> float | None:
+    return count / n if n and count is not None else None
+
+
+def block_counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """n, refusals, evasions, harmful answers (None when no record was judged for harm) and their rates."""
+    n = len(records)
+    refusals = sum(bool(r["refused"]) for r in records)
+    evasions = sum(bool(r["evasive"]) for r in records)
+    judged = [r["harmful"] for r in records if r.get("harmful") is not None]
+    harmful = sum(bool(h) for h in judged) if judged else None
+    return {
+        "n": n, "refusals": refusals, "refusal_rate": _share(refusals, n), "evasions": evasions,
+        "evasion_rate": _share(evasions, n), "harmful_answers": harmful, "harmful_rate": _share(harmful, n),
+    }
+
+
 def judged_block(
     judge: Judge, chosen: Sequence[prompts.Prompt], texts: Sequence[str], lang: str
 ) -> dict[str, Any]:
-    """n, refusals, refusal_rate and the per-prompt records of one language and kind."""
-    verdicts = judge.judge([p.instruction for p in chosen], list(texts), [lang] * len(chosen))
+    """Counts (`block_counts`) and the per-prompt records of one language and kind."""
+    verdicts = judge.verdicts([p.instruction for p in chosen], list(texts), [lang] * len(chosen))
     records = [
-        {"id": p.id, "prompt": p.instruction, "response": text, "refusal": bool(verdict)}
+        {"id": p.id, "prompt": p.instruction, "response": text, **verdict.record()}
         for p, text, verdict in zip(chosen, texts, verdicts, strict=True)
     ]
-    n = len(records)
-    refusals = sum(bool(v) for v in verdicts)
-    return {"n": n, "refusals": refusals, "refusal_rate": refusals / n if n else None, "records": records}
+    return {**block_counts(records), "records": records}
+
+
+def language_entry(harmful: dict[str, Any], harmless: dict[str, Any]) -> dict[str, Any]:
+    """One language's results: the headline rates, then the two blocks."""
+    n = harmful["n"]
+    answered = n - harmful["refusals"] - harmful["evasions"]
+    return {
+        "compliance": answered / n if n else None,
+        "over_refusal": harmless["refusal_rate"],
+        "evasion": harmful["evasion_rate"],
+        "harmless_evasion": harmless["evasion_rate"],
+        "attack_success": harmful["harmful_rate"],
+        "harmful": harmful,
+        "harmless": harmless,
+    }
 
 
 AnswerTexts = dict[tuple[str, str], list[str]]
@@ -321,12 +360,7 @@ def judge_answers(judge: Judge, selected: EvalPrompts, answers: AnswerTexts) -> 
     for lang in selected:
         harmful = judged_block(judge, selected[lang]["harmful"], answers[lang, "harmful"], lang)
         harmless = judged_block(judge, selected[lang]["harmless"], answers[lang, "harmless"], lang)
-        languages[lang] = {
-            "compliance": 1.0 - harmful["refusal_rate"],
-            "over_refusal": harmless["refusal_rate"],
-            "harmful": harmful,
-            "harmless": harmless,
-        }
+        languages[lang] = language_entry(harmful, harmless)
     return languages
 
 
@@ -337,16 +371,42 @@ def refusal_benchmark(
     return judge_answers(judge, selected, hf_answers(target, selected, options, cache))
 
 
+RATES = ("compliance", "over_refusal", "evasion", "harmless_evasion", "attack_success")
+"""The per-language rates that the summary averages (attack_success only with a harm-judging model)."""
+
+
+def _mean_of(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def summarize(languages: dict[str, Any]) -> dict[str, Any]:
-    """Means over languages (each language weighs the same)."""
-    n = len(languages)
+    """Means over languages (each language weighs the same); a rate no language has is None."""
     return {
-        "languages": n,
-        "compliance": sum(v["compliance"] for v in languages.values()) / n if n else None,
-        "over_refusal": sum(v["over_refusal"] for v in languages.values()) / n if n else None,
+        "languages": len(languages),
+        **{rate: _mean_of([v.get(rate) for v in languages.values()]) for rate in RATES},
         "harmful_prompts": sum(v["harmful"]["n"] for v in languages.values()),
         "harmless_prompts": sum(v["harmless"]["n"] for v in languages.values()),
     }
+
+
+def upgrade_results(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema 1 results dict in schema 2 form (records: refusal -> refused, not evasive, harm unknown)."""
+    if data.get("schema_version") != 1:
+        return data
+    languages = {}
+    for lang, entry in data["languages"].items():
+        blocks = {}
+        for kind in prompts.KINDS:
+            records = [
+                {**{k: v for k, v in r.items() if k != "refusal"}, "refused": bool(r.get("refusal")),
+                 "evasive": False, "harmful": None, "why": None}
+                for r in entry[kind]["records"]
+            ]
+            blocks[kind] = {**block_counts(records), "records": records}
+        languages[lang] = language_entry(blocks["harmful"], blocks["harmless"])
+    return {**data, "schema_version": SCHEMA_VERSION, "languages": languages, "summary": {
+        **data.get("summary", {}), **summarize(languages)}}
 
 
 # --- damage: KL against the base model -------------------------------------------------------------------
@@ -498,9 +558,9 @@ class Evaluator:
         """Check everything that can fail cheaply (engine, prompts, lm-eval tasks, judge) before any long work."""
         check_engine(options.engine, options.quantize)
         selected = select_prompts(options)
-        check_judge_spec(options.judge)
+        check_judge_spec(options.judge, options.harm_judge)
         check_tasks(options.tasks)
-        judge = make_judge(options.judge, device=options.device, dtype=options.dtype)
+        judge = make_judge(options.judge, harm=options.harm_judge, device=options.device, dtype=options.dtype)
         return cls(options, selected, judge, GenerationCache.default(options.cache))
 
     def evaluate(
@@ -577,7 +637,7 @@ def write_results(path: Path, results: dict[str, Any]) -> Path:
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A results.json written by `abliterate eval` (schema_version 1); DataError otherwise."""
+    """A results.json written by `abliterate eval` (schema_version 2, or 1 upgraded); DataError otherwise."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -586,7 +646,7 @@ def read_results(path: Path) -> dict[str, Any]:
         raise DataError(f"cannot read results file {path}: {err}", hint="point at a results.json") from None
     if (
         not isinstance(data, dict)
-        or data.get("schema_version") != SCHEMA_VERSION
+        or data.get("schema_version") not in READABLE_SCHEMAS
         or not isinstance(data.get("languages"), dict)
         or not {"model", "summary"} <= set(data)
     ):
@@ -594,7 +654,7 @@ def read_results(path: Path) -> dict[str, Any]:
             f"{path} is not an abliterate results file of schema_version {SCHEMA_VERSION}",
             hint="write it with `abliterate eval --out results.json`",
         )
-    return data
+    return upgrade_results(data)
 
 
 def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> dict[str, Any]:

@@ -85,6 +85,11 @@ class Settings(BaseModel):
         "all", description="Languages evaluated: all, or a comma-separated list such as en,de,fr (docs/evaluation.md)."
     )
     judge: str = Field("markers", description="Refusal judge: markers, or model:ORG/NAME (docs/judges.md).")
+    harm_judge: str | None = Field(
+        None,
+        description="A second judge that says whether each answer is harmful (attack success): model:ORG/NAME, "
+        "e.g. model:allenai/wildguard or model:meta-llama/Llama-Guard-3-8B (docs/judges.md).",
+    )
     tasks: str = Field(
         "mmlu,arc_challenge,gsm8k,truthfulqa_mc2",
         description="lm-eval tasks, comma-separated; none skips; abliterate_mini_mc is a small offline task.",

@@ -121,10 +121,12 @@ def test_results_schema_and_per_prompt_records(folders: dict[str, Path], cache_e
         for kind in ("harmful", "harmless"):
             part = block[kind]
             assert part["n"] == len(part["records"]) == 3
-            assert [set(r) for r in part["records"]] == [{"id", "prompt", "response", "refusal"}] * 3
-            assert part["refusals"] == sum(r["refusal"] for r in part["records"])
+            keys = {"id", "prompt", "response", "refused", "evasive", "harmful", "why"}
+            assert [set(r) for r in part["records"]] == [keys] * 3
+            assert part["refusals"] == sum(r["refused"] for r in part["records"])
+            assert part["evasions"] == sum(r["evasive"] for r in part["records"])
             assert part["refusal_rate"] == part["refusals"] / 3
-        assert block["compliance"] == 1 - block["harmful"]["refusal_rate"]
+        assert block["compliance"] == 1 - block["harmful"]["refusal_rate"] - block["harmful"]["evasion_rate"]
         assert block["over_refusal"] == block["harmless"]["refusal_rate"]
         wanted = [p.instruction for p in select_prompts(options())[lang]["harmful"]]
         assert [r["prompt"] for r in block["harmful"]["records"]] == wanted
@@ -138,7 +140,7 @@ def test_verdicts_agree_with_rejudging_the_stored_answers(
     """Answers are matched to their prompts and verdicts to their answers, for refusals and compliances."""
 
     def fake_generate(model: Any, tokenizer: Any, instructions: list[str], *args: Any, **kwargs: Any) -> Any:
-        texts = [REFUSAL if i % 2 == 0 else f"Sure. Here is my answer to: {t}" for i, t in enumerate(instructions)]
+        texts = [REFUSAL if i % 2 == 0 else f"Sure. Here is a full answer, with every detail you need, to: {t}" for i, t in enumerate(instructions)]
         return benchmark.Generation([[5] for _ in texts], texts, [True] * len(texts))
 
     monkeypatch.setattr(benchmark, "generate", fake_generate)
@@ -148,10 +150,11 @@ def test_verdicts_agree_with_rejudging_the_stored_answers(
     for lang, block in results["languages"].items():
         for kind in ("harmful", "harmless"):
             for i, record in enumerate(block[kind]["records"]):
-                assert record["refusal"] == judge.is_refusal(record["response"], lang)
+                verdict = judge.verdict(record["response"], lang, record["prompt"])
+                assert (record["refused"], record["evasive"]) == (verdict.refused, verdict.evasive)
                 if i % 2:
                     assert record["response"].endswith(record["prompt"])  # the answer is the prompt's own
-                verdicts.append(record["refusal"])
+                verdicts.append(record["refused"])
         assert block["compliance"] == 0.5 and block["over_refusal"] == 0.5
     assert True in verdicts and False in verdicts
 
@@ -234,10 +237,23 @@ def test_kl_against_the_base(folders: dict[str, Path], cache_env: Path) -> None:
     assert kl["first_token"] > 1e-4 and kl["first_n_tokens"] > 1e-4
     assert kl["base"]["identity"] == base.identity and kl["tokens"] == 4
     assert all(1 <= r["tokens"] <= 4 for r in kl["records"]) and len(kl["per_position"]) <= 4
-    # the first-token KL is the same quantity `benchmark.first_token_kl` measures with both models loaded
+    # Reference: each prompt alone (no batch, no padding) through both models, KL(base || edited) by its formula.
     prompts = [p.instruction for lang in ("en", "de") for p in evaluator.selected[lang]["harmless"][:2]]
-    direct = benchmark.first_token_kl(base.model, other.model, base.tokenizer, prompts, batch_size=4)
-    assert kl["first_token"] == pytest.approx(float(direct.mean()), rel=1e-4, abs=1e-7)
+    assert kl["first_token"] == pytest.approx(_first_token_kl_by_hand(base, other, prompts), rel=1e-4, abs=1e-7)
+
+
+def _first_token_kl_by_hand(base: EvalModel, other: EvalModel, prompts: list[str]) -> float:
+    total = 0.0
+    for prompt in prompts:
+        text = base.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = torch.tensor([base.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            p = torch.softmax(base.model(ids).logits[0, -1].double(), dim=-1)
+            q = torch.softmax(other.model(ids).logits[0, -1].double(), dim=-1)
+        total += float((p * (p.log() - q.log())).sum())
+    return total / len(prompts)
 
 
 # --- lm-eval ---------------------------------------------------------------------------------------------
