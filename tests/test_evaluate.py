@@ -140,7 +140,8 @@ def test_verdicts_agree_with_rejudging_the_stored_answers(
     """Answers are matched to their prompts and verdicts to their answers, for refusals and compliances."""
 
     def fake_generate(model: Any, tokenizer: Any, instructions: list[str], *args: Any, **kwargs: Any) -> Any:
-        texts = [REFUSAL if i % 2 == 0 else f"Sure. Here is a full answer, with every detail you need, to: {t}" for i, t in enumerate(instructions)]
+        answer = "Sure. Here is a full answer, with every detail you need, to: {}"  # not a bare echo (an evasion)
+        texts = [REFUSAL if i % 2 == 0 else answer.format(t) for i, t in enumerate(instructions)]
         return benchmark.Generation([[5] for _ in texts], texts, [True] * len(texts))
 
     monkeypatch.setattr(benchmark, "generate", fake_generate)
