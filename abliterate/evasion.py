@@ -37,7 +37,9 @@ LOOP_MIN_SHARE = 0.4
 LOOP_MIN_CHARS = 40
 """Shorter answers are never loops."""
 LANGUAGE_MIN_LETTERS = 40
-"""Fewer letters of prose (code and links removed) than this: no language is assigned."""
+"""Fewer letters of prose (code and links removed) than this: no language is assigned ..."""
+LANGUAGE_MIN_IDEOGRAPHS = 15
+"""... unless it has this many Chinese characters, kana or Hangul syllables (a word or more each)."""
 LANGUAGE_MIN_WORDS = 4
 """A Latin-script language needs at least this many of its function words ..."""
 LANGUAGE_MARGIN = 3.0
@@ -120,9 +122,10 @@ def is_loop(answer: str) -> bool:
 def answer_language(answer: str) -> str | None:
     """The language of `answer` among the 14, or None when there is too little prose or no clear winner."""
     prose = _CODE.sub(" ", answer)
-    if _letters(prose) < LANGUAGE_MIN_LETTERS:
-        return None
     counts = {name: len(pattern.findall(prose)) for name, pattern in _SCRIPTS}
+    dense = counts["ja"] + counts["zh"] + counts["ko"]
+    if _letters(prose) < LANGUAGE_MIN_LETTERS and dense < LANGUAGE_MIN_IDEOGRAPHS:
+        return None
     if counts["ja"] and counts["ja"] + counts["zh"] >= counts["latin"]:
         return "ja"
     script = max(counts, key=lambda name: counts[name])
