@@ -125,10 +125,20 @@ class OrganismRecipe(BaseModel):
 
 
 def recipe_hash(recipe: OrganismRecipe) -> str:
-    """Short stable hash of the recipe and the builder version."""
-    fields = {"builder": BUILDER_VERSION, "refusals": REFUSALS, **recipe.model_dump(mode="json")}
+    """Short stable hash of the recipe, the builder version and the built-in prompts it trains and checks on."""
+    fields = {"builder": BUILDER_VERSION, "refusals": REFUSALS, "prompts": _prompts_digest(recipe),
+              **recipe.model_dump(mode="json")}
     payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _prompts_digest(recipe: OrganismRecipe) -> str:
+    """sha256 of the train prompts and held-out check prompts (a rewritten built-in line changes the organism)."""
+    source = prompts.builtin()
+    texts = [p.instruction for kind in prompts.KINDS for p in train_prompts(recipe, kind)]
+    texts += [t for lang in recipe.languages for kind in prompts.KINDS
+              for t in source.instructions(lang, kind, "val", recipe.check_prompts)]
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def organism_folder(recipe: OrganismRecipe) -> Path:
