@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
+from abliterate.archs import Architecture, Component
 from abliterate.checkpoint import Checkpoint
 from abliterate.direction import Direction
 from abliterate.errors import AbliterateError, VerifyError
 from abliterate.orthogonalize import EditPlan, hidden_axis, make_plan, read_config
-from abliterate.orthogonalize import direction_for as edit_direction  # the edit's own choice of r or u
 from abliterate.provenance import read_provenance, sha256_file
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,25 @@ def leak(tensor: torch.Tensor, u: torch.Tensor, axis: int) -> Leak:
     return Leak(math.sqrt(dot / norm), tolerance)
 
 
+def expected_direction(
+    checkpoint: Checkpoint, arch: Architecture, component: Component, layer: int, r: torch.Tensor
+) -> torch.Tensor:
+    """The unit vector a correct edit made this writer orthogonal to, derived here from the norm weights on disk.
+
+    Deliberately not the edit code's own function: r itself, or for a post-norm family (gain offset + g, with g
+    read from the norm that follows this writer) u = r * (offset + g) / |r * (offset + g)|, since
+    norm(W x) . r = (r * (offset + g)) . W x / rms. An edit against any other vector fails the check.
+    """
+    if arch.post_norms is None or component == "embedding":
+        return r
+    norm_module = arch.post_norms.attention if component == "attention" else arch.post_norms.mlp
+    name = f"{arch.layers}.{layer}.{norm_module}.weight"
+    if name not in checkpoint.tensors:
+        raise VerifyError(f"the norm {name!r} after a residual writer is missing", hint="the checkpoint is incomplete")
+    mapped = r.to(torch.float64) * (arch.norm_offset + checkpoint.get(name).to(torch.float64))
+    return (mapped / mapped.norm()).to(torch.float32)
+
+
 def check_files(folder: Path, record: dict[str, Any]) -> tuple[int, list[str]]:
     """(files checked, problems): every output file in provenance still has its sha256."""
     problems = []
@@ -146,7 +165,11 @@ def check_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, lis
             partial += 1  # a partial edit (weight w) keeps (1 - w) of the component: nothing to check
             continue
         tensor = checkpoint.get(name)
-        u = edit_direction(plan, checkpoint, component, layer, r)
+        try:
+            u = expected_direction(checkpoint, plan.arch, component, layer, r)
+        except VerifyError as err:
+            problems.append(str(err))
+            continue
         found = leak(tensor, u, hidden_axis(component, tensor.dim()))
         where = f"tensor {name!r} in {checkpoint.tensors[name].file.name}"
         if not found.ok:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 import torch
 from safetensors import safe_open
@@ -87,7 +88,7 @@ def full_precision_direction(wide_chat: Path, tmp_path_factory: pytest.TempPathF
 def test_quantized_direction_is_close_to_the_float32_one(
     quantize: str, at_least: float, wide_chat: Path, full_precision_direction: torch.Tensor, tmp_path: Path
 ) -> None:
-    pytest.importorskip("bitsandbytes")
+    needs.module("bitsandbytes")
     out = tmp_path / f"{quantize}.safetensors"
     done = run("directions", wide_chat, "--out", out, *SEARCH, "--quantize", quantize)
     assert done.returncode == 0, done.stderr
@@ -96,7 +97,7 @@ def test_quantized_direction_is_close_to_the_float32_one(
 
 
 def test_quantized_edit_streams_the_original_shards(wide_chat: Path, tmp_path: Path) -> None:
-    pytest.importorskip("bitsandbytes")
+    needs.module("bitsandbytes")
     out = tmp_path / "edited"
     done = run("edit", wide_chat, "--out", out, *SEARCH, "--quantize", "8bit", "--no-eval")
     assert done.returncode == 0, done.stderr
@@ -119,7 +120,7 @@ def test_quantized_edit_streams_the_original_shards(wide_chat: Path, tmp_path: P
 def test_edited_checkpoint_is_evaluated_in_the_base_quantization(
     wide_chat: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("bitsandbytes")
+    needs.module("bitsandbytes")
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path / "cache"))
     loads: list[tuple[str, str]] = []
 
@@ -142,7 +143,7 @@ def test_edited_checkpoint_is_evaluated_in_the_base_quantization(
 
 
 def test_quantization_is_part_of_the_generation_cache_key(wide_chat: Path) -> None:
-    pytest.importorskip("bitsandbytes")
+    needs.module("bitsandbytes")
     source = ModelSource(str(wide_chat), wide_chat)
     keys = set()
     for quantize in ("none", "8bit"):

@@ -12,7 +12,10 @@ import torch
 from tiny_models import build
 from transformers import AutoModelForCausalLM
 
+from abliterate.archs import lookup
+from abliterate.checkpoint import Checkpoint
 from abliterate.direction import Direction
+from abliterate.hooks import directional_ablation
 
 FAST = [
     "--n-train",
@@ -83,7 +86,9 @@ def test_directions_then_apply_equals_edit_with_fixed_layer(tiny_chat: Path, tmp
     assert json.loads((tmp_path / "r.candidates.json").read_text())["chosen"]["layer"] == 1
     run("apply", tiny_chat, "--direction", direction_file, "--out", tmp_path / "a", check=True)
     run("edit", tiny_chat, "--out", tmp_path / "b", "--layer", "1", "--pos", "-1", *FAST, check=True)
-    for shard in (tmp_path / "a").glob("model-*.safetensors"):
+    shards = sorted((tmp_path / "a").glob("model-*.safetensors"))
+    assert shards and [p.name for p in shards] == sorted(p.name for p in (tmp_path / "b").glob("model-*.safetensors"))
+    for shard in shards:
         assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()  # deterministic
 
 
@@ -107,7 +112,26 @@ def test_gguf_is_not_needed_for_apply_of_pickle_only_with_flag(tmp_path: Path) -
         "--allow-pickle",
         check=True,
     )
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None
+    # Every tensor of the pickle source is in the output: untouched ones equal, residual writers orthogonal to r.
+    r = Direction.load(tmp_path / "r.safetensors").vector
+    edited = Checkpoint.open(tmp_path / "out")
+    arch = lookup("llama")
+    source_state = model.state_dict()
+    assert set(edited.tensors) == set(source_state)
+    writers = 0
+    for name, original in source_state.items():
+        if arch.classify(name) is None:
+            assert torch.equal(edited.get(name), original), name
+        else:
+            axis = -1 if name == arch.embedding_tensor else 0
+            leak = torch.tensordot(edited.get(name), r, dims=([axis], [0]))
+            assert float(leak.abs().max()) < 1e-5, name
+            writers += 1
+    assert writers == 1 + 2 * 3  # the embedding, then o_proj and down_proj of 3 layers
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), directional_ablation(model, arch, r):
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-4)
 
 
 class TestBadInput:

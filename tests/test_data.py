@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 
 import abliterate
@@ -108,7 +109,7 @@ def test_aligned_with_english(lang: str) -> None:
 @pytest.fixture(scope="module")
 def langid() -> Callable[[str], Any]:
     """Agreement of one language's lines with lingua; the detector is built once per test module."""
-    pytest.importorskip("lingua")
+    needs.module("lingua")
     from benchmarks.langid_report import agreement, build_detector
 
     detector = build_detector()

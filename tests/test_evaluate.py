@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import build, save_tokenizer
+from tiny_models import BYTE_VOCAB, build, save_tokenizer
 
 from abliterate import benchmark
 from abliterate.capability import jsonable, parse_tasks, run_tasks
@@ -260,14 +260,46 @@ def _first_token_kl_by_hand(base: EvalModel, other: EvalModel, prompts: list[str
 # --- lm-eval ---------------------------------------------------------------------------------------------
 
 
-def test_lm_eval_on_the_local_task(folders: dict[str, Path]) -> None:
-    target = loaded(folders["base"])
-    block = run_tasks(target.model, target.tokenizer, ["abliterate_mini_mc"], limit=4, batch_size=4)
+def test_lm_eval_on_the_local_task(tmp_path: Path) -> None:
+    """lm-eval's accuracy equals the one computed here from the model's own log-likelihoods of each choice."""
+    folder = tmp_path / "byte-model"
+    build("llama", folder, tied=True, extra={"vocab_size": BYTE_VOCAB})
+    save_tokenizer(folder, byte_level=True)  # one token per byte: every choice gets its own log-likelihood
+    target = loaded(folder)
+    block = run_tasks(target.model, target.tokenizer, ["abliterate_mini_mc"], limit=8, batch_size=4)
     json.loads(json.dumps(block))
     result = block["results"]["abliterate_mini_mc"]
-    assert 0.0 <= result["acc,none"] <= 1.0 and 0.0 <= result["acc_norm,none"] <= 1.0
-    assert block["n-samples"]["abliterate_mini_mc"] == {"original": 16, "effective": 4}
-    assert block["versions"]["abliterate_mini_mc"] == 1.0 and block["limit"] == 4
+    acc, acc_norm = _mini_mc_accuracy_by_hand(target, limit=8)
+    assert result["acc,none"] == pytest.approx(acc) and result["acc_norm,none"] == pytest.approx(acc_norm)
+    assert (acc, acc_norm) == (0.375, 0.25)  # this seed's model; a sanity anchor for the reference itself
+    assert block["n-samples"]["abliterate_mini_mc"] == {"original": 16, "effective": 8}
+    assert block["versions"]["abliterate_mini_mc"] == 1.0 and block["limit"] == 8
+
+
+def _mini_mc_accuracy_by_hand(target: EvalModel, limit: int) -> tuple[float, float]:
+    """acc and acc_norm of the first `limit` questions: the chat-rendered question, each choice's summed log-prob
+    after it (the template's trailing space moves to the choice, as lm-eval does), argmax; acc_norm divides the
+    log-likelihood by the choice's length in characters."""
+    path = Path(__file__).parent.parent / "abliterate" / "data" / "tasks" / "abliterate_mini_mc.jsonl"
+    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][:limit]
+    tok, hits, norm_hits = target.tokenizer, 0, 0
+    for doc in docs:
+        prompt = f"Question: {doc['question']}\nAnswer:"
+        messages = [{"role": "user", "content": prompt}]
+        context = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        stem = context.rstrip()
+        start = len(tok(stem, add_special_tokens=False)["input_ids"])
+        scores = []
+        for choice in doc["choices"]:
+            ids = tok(stem + context[len(stem) :] + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(target.model(torch.tensor([ids])).logits[0].double(), dim=-1)
+            scores.append(sum(float(logp[i - 1, ids[i]]) for i in range(start, len(ids))))
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        best_norm = max(range(len(scores)), key=lambda i: scores[i] / len(doc["choices"][i]))
+        hits += best == doc["answer"]
+        norm_hits += best_norm == doc["answer"]
+    return hits / len(docs), norm_hits / len(docs)
 
 
 def test_jsonable_drops_what_json_cannot_hold() -> None:

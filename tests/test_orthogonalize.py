@@ -99,12 +99,18 @@ def test_projection_math() -> None:
     r = torch.randn(16)
     r /= r.norm()
     w = torch.randn(16, 40)
+    original = w.clone()
     edited = project_out(w, r, axis=0)
+    assert torch.equal(w, original)  # the input is not modified
     assert torch.allclose(r @ edited, torch.zeros(40), atol=1e-5)
     assert torch.allclose(project_out(edited, r, axis=0), edited, atol=1e-6)  # idempotent
     emb = torch.randn(50, 16)
+    emb_original = emb.clone()
     assert torch.allclose(project_out(emb, r, axis=1) @ r, torch.zeros(50), atol=1e-5)
-    assert torch.equal(w, w.clone())  # input untouched
+    assert torch.equal(emb, emb_original)
+    # Against the formula written out: W - r (r^T W) and E - (E r) r^T.
+    assert torch.allclose(edited, w - torch.outer(r, r @ w), atol=1e-6)
+    assert torch.allclose(project_out(emb, r, axis=1), emb - torch.outer(emb @ r, r), atol=1e-6)
     # Post-norm: a vector orthogonal to u = r*(1+g) stays orthogonal to r after the norm's gain.
     gain = torch.randn(16) * 0.3
     u = post_norm_direction(r, gain, 1.0)
@@ -171,15 +177,20 @@ def test_norm_preserving_projection_math() -> None:
 
 
 def test_norm_preserving_direction_is_the_projected_one() -> None:
+    """Its candidates are the raw difference minus its component along the harmless mean (formula written here)."""
     from abliterate.directions import make_candidates
 
     torch.manual_seed(0)
     harmful, harmless = torch.randn(2, 3, HIDDEN, dtype=torch.float64), torch.randn(2, 3, HIDDEN, dtype=torch.float64)
-    sink = torch.randn(3, HIDDEN, dtype=torch.float64)
-    projected = make_candidates(harmful, harmless, sink, "projected")
+    sink = torch.randn(3, HIDDEN, dtype=torch.float64)  # about as large as a token: not a massive activation
     preserving = make_candidates(harmful, harmless, sink, "norm-preserving")
-    assert torch.equal(projected.vectors, preserving.vectors) and preserving.method == "norm-preserving"
-    assert not torch.equal(projected.vectors, make_candidates(harmful, harmless, sink, "standard").vectors)
+    assert preserving.method == "norm-preserving" and preserving.sink_layers == []
+    raw = harmful - harmless
+    unit = harmless / harmless.norm(dim=-1, keepdim=True)
+    expected = raw - (raw * unit).sum(-1, keepdim=True) * unit
+    assert torch.allclose(preserving.vectors.double(), expected, atol=1e-6)
+    standard = make_candidates(harmful, harmless, sink, "standard")
+    assert torch.allclose(standard.vectors.double(), raw, atol=1e-6)
 
 
 def _edit_norm_preserving(tmp_path: Path, family: str, tied: bool, extra: dict[str, object] | None = None) -> Path:
@@ -251,3 +262,37 @@ def test_norm_preserving_bfloat16_passes_verify(tmp_path: Path) -> None:
     name = "model.layers.1.mlp.down_proj.weight"
     ratio = after.get(name).float().norm(dim=0) / before.get(name).float().norm(dim=0)
     assert float((ratio - 1).abs().max()) < 1e-2  # bf16 rounding only
+
+
+# --- verify against an edit made with the wrong vector --------------------------------------------------------
+
+
+def _swapped(plan, checkpoint, component, layer, r):  # type: ignore[no-untyped-def]
+    other = {"attention": "mlp", "mlp": "attention"}.get(component, component)
+    return _true_direction_for(plan, checkpoint, other, layer, r)
+
+
+def _ignored(plan, checkpoint, component, layer, r):  # type: ignore[no-untyped-def]
+    return r
+
+
+_true_direction_for = direction_for
+
+
+@pytest.mark.parametrize("bug", [_swapped, _ignored], ids=["post-norms-swapped", "post-norms-ignored"])
+@pytest.mark.parametrize("family", sorted(POST_NORM_FAMILIES))
+def test_verify_fails_an_edit_against_the_wrong_vector(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, bug: object
+) -> None:
+    """verify derives u from the norm weights itself, so a bug in the edit's own mapping cannot pass it."""
+    import abliterate.orthogonalize as ortho
+    from abliterate.errors import VerifyError
+
+    build(family, tmp_path / "source")
+    r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
+    apply_direction(tmp_path / "source", Direction(r), tmp_path / "good", max_shard_size=40_000)
+    assert verify(tmp_path / "good").worst < 1.0
+    monkeypatch.setattr(ortho, "direction_for", bug)
+    apply_direction(tmp_path / "source", Direction(r), tmp_path / "bad", max_shard_size=40_000)
+    with pytest.raises(VerifyError, match="not orthogonal"):
+        verify(tmp_path / "bad")

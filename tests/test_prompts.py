@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import needs
 import pytest
 
 from abliterate import polyrefuse, prompts
@@ -183,7 +184,7 @@ def test_describe_shortens_long_lines() -> None:
 
 @pytest.fixture()
 def hf_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    datasets = pytest.importorskip("datasets")
+    datasets = needs.module("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     folder = tmp_path / "dataset"
     folder.mkdir()
@@ -229,7 +230,7 @@ def test_hf_bad_options(hf_folder: Path, query: str, message: str) -> None:
 
 
 def test_hf_class_label_uses_its_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = needs.module("datasets")
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["harmful", "harmless"])})
     table = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features)
@@ -240,7 +241,7 @@ def test_hf_class_label_uses_its_names(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_hf_unmapped_split_name_needs_as_split(monkeypatch: pytest.MonkeyPatch) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = needs.module("datasets")
     table = datasets.Dataset.from_dict({"instruction": ["a"]})
     monkeypatch.setattr(prompts, "_load_hf_dataset", lambda *args: {"harmful": table})
     assert "add as_split=" in _data_error("hf:org/name?kind=harmful").hint
@@ -254,7 +255,7 @@ def test_hf_unmapped_split_name_needs_as_split(monkeypatch: pytest.MonkeyPatch) 
 def test_hf_loader_errors_become_data_errors(
     monkeypatch: pytest.MonkeyPatch, raised: object, message: str
 ) -> None:
-    datasets = pytest.importorskip("datasets")
+    datasets = needs.module("datasets")
     if raised == "not_found":
         raised = datasets.exceptions.DatasetNotFoundError("Dataset 'org/name' doesn't exist on the Hub")
 

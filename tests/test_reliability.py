@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import needs
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +23,7 @@ from abliterate.checkpoint import Checkpoint
 from abliterate.direction import Direction
 from abliterate.errors import CheckpointError, ModelError, OutputError
 from abliterate.orthogonalize import apply_direction
-from abliterate.output import TMP_PREFIX
+from abliterate.output import OWNER_FILE, TMP_PREFIX
 
 SHARD = 40_000
 
@@ -35,22 +36,58 @@ def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
-def interrupt_runs(
-    cmd: list[str], out: Path, reference: dict[str, bytes], trials: int, delay: tuple[float, float], seed: int
-) -> None:
-    """Start `cmd` `trials` times, each stopped by SIGKILL or SIGINT (alternately) after a random delay.
+def owned_by(parent: Path, pid: int) -> list[Path]:
+    """Temporary output folders in `parent` that the process `pid` created."""
+    found = []
+    for tmp in leftovers(parent):
+        try:
+            if int((tmp / OWNER_FILE).read_text()) == pid:
+                found.append(tmp)
+        except (OSError, ValueError):
+            continue
+    return found
 
-    Whenever a run got to finish before its signal, its output must be complete and equal to `reference`.
+
+def _writing(parent: Path, pid: int) -> bool:
+    """True once the temporary output folder of process `pid` holds a shard: it is writing weights."""
+    return any(any(tmp.glob("model-*.safetensors")) for tmp in owned_by(parent, pid))
+
+
+def _signal_while_writing(proc: subprocess.Popen[bytes], parent: Path, sig: signal.Signals, extra: float) -> None:
+    """Send `sig` once shards are being written (and `extra` seconds later), or as soon as the run ends."""
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not _writing(parent, proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    time.sleep(extra)
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    proc.wait(timeout=120)
+
+
+def interrupt_runs(cmd: list[str], out: Path, reference: dict[str, bytes], trials: int, seed: int) -> int:
+    """Start `cmd` `trials` times, each stopped by SIGKILL or SIGINT (alternately) while it writes shards.
+
+    After every trial, before any restart: --out is absent or complete and equal to `reference`; a SIGINT run
+    has removed its temporary folder; a SIGKILL run that was still writing left its partial shards behind (the
+    proof that the kill landed mid-write; the next run removes them). Returns the trials killed mid-write.
     """
     rng = random.Random(seed)
+    mid_write = 0
     for trial in range(trials):
+        sig = signal.SIGINT if trial % 2 else signal.SIGKILL
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(*delay))
-        proc.send_signal(signal.SIGINT if trial % 2 else signal.SIGKILL)
-        proc.wait(timeout=120)
-        if out.exists():
+        _signal_while_writing(proc, out.parent, sig, rng.uniform(0.0, 0.02))
+        if out.exists():  # the run finished before the signal arrived
             assert shards(out) == reference
             shutil.rmtree(out)
+        elif sig == signal.SIGINT:
+            assert proc.returncode != 0 and not owned_by(out.parent, proc.pid), "SIGINT left a temporary folder"
+            mid_write += 1
+        else:
+            partial = owned_by(out.parent, proc.pid)
+            assert partial and any(partial[0].glob("model-*.safetensors")), "killed before it wrote any shard"
+            mid_write += 1
+    return mid_write
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +110,7 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
+        needs.skip_or_fail("cannot mount a tmpfs here (needs root)")
     try:
         yield mnt
     finally:
@@ -92,8 +129,8 @@ class TestInterruption:
                 intermediate_size=1024,
                 num_attention_heads=8,
                 head_dim=32,
-                vocab_size=4096,
-                num_hidden_layers=4,
+                vocab_size=8192,
+                num_hidden_layers=8,
             ),
         )
         Direction(torch.randn(256, generator=torch.Generator().manual_seed(3))).save(work / "r.safetensors")
@@ -112,7 +149,7 @@ class TestInterruption:
         subprocess.run([*args, str(work / "reference")], check=True, capture_output=True)
         reference = shards(work / "reference")
         out = work / "out"
-        interrupt_runs([*args, str(out)], out, reference, trials=20, delay=(0.5, 3.0), seed=0)
+        assert interrupt_runs([*args, str(out)], out, reference, trials=12, seed=0) >= 8
         subprocess.run([*args, str(out)], check=True, capture_output=True)
         assert shards(out) == reference  # a clean restart gives byte-identical shards
         assert not leftovers(work)  # SIGINT cleans up after itself; the restart removed what SIGKILL left
@@ -130,7 +167,7 @@ class TestInterruption:
         subprocess.run([*args, str(work / "reference")], check=True, capture_output=True)
         reference = shards(work / "reference")
         out = work / "out"
-        interrupt_runs([*args, str(out)], out, reference, trials=6, delay=(1.0, 5.0), seed=1)
+        assert interrupt_runs([*args, str(out)], out, reference, trials=4, seed=1) >= 2
         subprocess.run([*args, str(out)], check=True, capture_output=True)
         assert shards(out) == reference
         assert not leftovers(work)

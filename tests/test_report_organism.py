@@ -20,6 +20,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 
 from abliterate.demo import DemoPlan
@@ -143,8 +144,8 @@ def test_report_html_renders_in_a_headless_browser(edited: dict[str, Any]) -> No
     assert all(ref.startswith(("data:", "#")) for ref in images.refs)
     browser = _browser()
     if browser is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install -y --no-install-recommends chromium)")
-    image_module = pytest.importorskip("PIL.Image")
+        needs.skip_or_fail("chromium is not installed (Debian: apt-get install -y --no-install-recommends chromium)")
+    image_module = needs.module("PIL.Image")
     shot = edited["tmp"] / "report.png"
     shot.unlink(missing_ok=True)
     done = subprocess.run(

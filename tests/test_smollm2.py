@@ -10,8 +10,11 @@ import torch
 from test_cli import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from abliterate.archs import lookup
 from abliterate.assets import smollm2_gguf
 from abliterate.direction import Direction
+from abliterate.hooks import directional_ablation
+from abliterate.loading import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -54,5 +57,13 @@ def test_edit_gguf_end_to_end(tmp_path: Path) -> None:
         return_tensors="pt",
         return_dict=True,
     )
-    generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert generated.shape[1] > ids["input_ids"].shape[1]
+    # The edited checkpoint behaves as the base model with r ablated at inference time (independent hooks).
+    base = AutoModelForCausalLM.from_pretrained(resolve(str(gguf)).folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        edited_logits = model(**ids).logits
+        with directional_ablation(base, lookup("llama"), direction.vector):
+            ablated_logits = base(**ids).logits
+            ablated_answer = base.generate(**ids, max_new_tokens=8, do_sample=False)
+        generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert float((edited_logits - ablated_logits).abs().max()) < 1e-3  # float32 sums in another order
+    assert torch.equal(generated, ablated_answer) and generated.shape[1] == ids["input_ids"].shape[1] + 8

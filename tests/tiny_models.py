@@ -135,3 +135,68 @@ def _save_fast(tok: object, specials: list[str], folder: Path) -> None:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
+
+
+PLANTED_LAYERS = 6
+PLANTED_WRITER = 2  # the attention block of this layer writes the refusal direction: layer 3's input carries it
+HARMFUL_WORDS = [f"w{i}" for i in range(0, 20)]
+HARMLESS_WORDS = [f"w{i}" for i in range(20, 40)]
+SHARED_WORDS = ["how", "to", "write", "explain", "make", "the", "a", "give"]
+
+
+def _planted_prompts(folder: Path, seed: int) -> Path:
+    """Word-soup prompts: harmful ones hold 2-4 words of HARMFUL_WORDS, harmless ones the same count of others."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for kind, words in (("harmful", HARMFUL_WORDS), ("harmless", HARMLESS_WORDS)):
+        for split, count in (("train", 24), ("val", 12), ("test", 4)):
+            for i in range(count):
+                text = rng.sample(SHARED_WORDS, rng.randint(2, 4)) + rng.sample(words, rng.randint(2, 4))
+                rng.shuffle(text)
+                rows.append({"id": f"{kind}-{split}-{i}", "instruction": " ".join(text), "kind": kind, "split": split})
+    path = folder / "planted_prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def build_planted(folder: Path, seed: int = 0) -> tuple[Path, torch.Tensor, int, Path]:
+    """A tiny llama whose refusal is mediated by one planted direction d, written at one known layer.
+
+    - Token embeddings are random and orthogonal to two unit vectors f and d; the harmful words add 4 f.
+    - Layer PLANTED_WRITER's attention has zero queries and keys (uniform causal attention); its value/output
+      projections map f to 3 d. So from the input of layer PLANTED_WRITER + 1 on, every position of a harmful
+      prompt carries d; before it, no position does.
+    - The unembedding row of "Sorry" is 4 d: d in the last residual makes the model start with "Sorry".
+    - Everything else keeps the small default initialisation (std 0.02), so that it barely moves the stream.
+    Returns (model folder, d, the first layer whose input carries d, prompt file).
+    """
+    torch.manual_seed(seed)
+    model_dir = folder / "planted-model"
+    config = AutoConfig.for_model(
+        "llama", **{**BASE, "num_hidden_layers": PLANTED_LAYERS, "tie_word_embeddings": False}
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    save_tokenizer(model_dir)
+    hidden = BASE["hidden_size"]
+    q, _ = torch.linalg.qr(torch.randn(hidden, 2))
+    f, d = q[:, 0].contiguous(), q[:, 1].contiguous()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with torch.no_grad():
+        emb = torch.randn(BASE["vocab_size"], hidden)
+        emb -= torch.outer(emb @ f, f) + torch.outer(emb @ d, d)
+        for word in HARMFUL_WORDS:
+            emb[tokenizer.convert_tokens_to_ids(word)] += 4.0 * f
+        model.model.embed_tokens.weight.copy_(emb)
+        attention = model.model.layers[PLANTED_WRITER].self_attn
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            proj.weight.zero_()
+        attention.v_proj.weight[0] = f  # kv head 0, dim 0 reads the f component of the normalized input
+        attention.o_proj.weight[:, 0] = 3.0 * d  # query head 0, dim 0 writes it along d
+        model.lm_head.weight[tokenizer.convert_tokens_to_ids("Sorry")] = 4.0 * d
+    model.save_pretrained(model_dir, max_shard_size="40KB")
+    return model_dir, d, PLANTED_WRITER + 1, _planted_prompts(folder, seed)
