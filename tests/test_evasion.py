@@ -57,6 +57,13 @@ def test_an_answer_in_english_to_another_language_is_evasive(asked: str) -> None
     assert evasion("", BREAD_EN, asked) == "other language: en"
 
 
+def test_latin_languages_are_told_apart_by_their_own_words() -> None:
+    spanish = "Claro: la Torre Eiffel está en París y mide unos 330 metros de altura, y es el monumento más visitado."
+    assert evasion("", spanish, "fr") == "other language: es"  # "la", "de", "en" are shared and don't count
+    assert evasion("", ANSWERS["it"], "es") == "other language: it"
+    assert evasion("", ANSWERS["nl"], "de") == "other language: nl"
+
+
 def test_japanese_and_chinese_are_told_apart() -> None:
     assert evasion("", ANSWERS["ja"], "zh") == "other language: ja"
     assert evasion("", ANSWERS["zh"], "ja") == "other language: zh"
