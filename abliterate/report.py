@@ -29,7 +29,8 @@ from abliterate.languages import LANGUAGES
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: direction, side_by_side, crosslingual, evasion and attack success beside compliance (issue 17)."""
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
