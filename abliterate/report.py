@@ -579,6 +579,11 @@ def write_plots(report: dict[str, Any], folder: Path) -> dict[str, Path]:
 
 # --- HTML ------------------------------------------------------------------------------------------------
 
+CARD_BACKGROUND = "#fff8e1"
+"""The summary card's background in report.html (tests find the card in a screenshot by it)."""
+SIDE_BY_SIDE_BACKGROUND = "#e3ecfa"
+"""The side-by-side table's header background in report.html (likewise)."""
+
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -589,10 +594,14 @@ img { max-width: 100%; display: block; margin: 1em 0; }
 details { margin: 0.5em 0; }
 td.text { text-align: left; white-space: pre-wrap; font-size: 0.85em; max-width: 28em; }
 .refusal { color: #2a7a2a; } .compliance { color: #b52b27; } .evasion { color: #8a6d00; }
-.card { border: 2px solid #444; border-radius: 6px; padding: 0.5em 1em; background: #fafafa; }
+.card { border: 2px solid #444; border-radius: 6px; padding: 0.5em 1em; background: CARD_BG; }
+table.side th { background: SIDE_BG; }
 .card li { margin: 0.2em 0; } .bypassed { color: #b52b27; } .partly { color: #8a6d00; } .not { color: #2a7a2a; }
 code { background: #f4f4f4; padding: 0 3px; }
 """
+
+
+_CSS = _CSS.replace("CARD_BG", CARD_BACKGROUND).replace("SIDE_BG", SIDE_BY_SIDE_BACKGROUND)
 
 
 def _html_table(table: list[list[str]]) -> str:

@@ -34,6 +34,8 @@ TOKENS = DemoPlan().max_new_tokens
 MINI_LIMIT = DemoPlan().limit
 AFTER_RGB = (0xD9, 0x53, 0x4F)  # abliterate.report.AFTER_COLOUR
 BEFORE_RGB = (0x8C, 0x9A, 0xA8)  # abliterate.report.BEFORE_COLOUR
+CARD_RGB = (0xFF, 0xF8, 0xE1)  # abliterate.report.CARD_BACKGROUND
+SIDE_RGB = (0xE3, 0xEC, 0xFA)  # abliterate.report.SIDE_BY_SIDE_BACKGROUND
 BROWSERS = ("chromium", "chromium-browser")
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -88,15 +90,36 @@ def test_report_shows_refusal_before_and_after_per_language(edited: dict[str, An
             for kind in ("harmful", "harmless"):
                 records = block[kind]["records"]
                 assert len(records) == N_PROMPTS
-                assert [r["refusal"] for r in records] == [judge.is_refusal(r["response"], lang) for r in records]
-            refused = sum(r["refusal"] for r in block["harmful"]["records"])
-            assert row[f"compliance_{side}"] == pytest.approx(1 - refused / N_PROMPTS)
+                rejudged = [judge.verdict(r["response"], lang, r["prompt"]) for r in records]
+                assert [(r["refused"], r["evasive"]) for r in records] == [(v.refused, v.evasive) for v in rejudged]
+                assert all(r["harmful"] is None for r in records)  # no model judge in the demo
+            answered = sum(not r["refused"] and not r["evasive"] for r in block["harmful"]["records"])
+            assert row[f"compliance_{side}"] == pytest.approx(answered / N_PROMPTS)
     # the organism refuses in English; the edit (direction from English) removes it there. Its German and French
     # refusals are not mediated by that direction (docs/organism.md), so only English is asserted.
     assert rows["en"]["compliance_before"] <= 0.2 and rows["en"]["compliance_after"] >= 0.9, rows["en"]
     markdown = (edited["out"] / "abliterate" / "report.md").read_text(encoding="utf-8")
     for lang in LANGS:
         assert f"| {lang} (" in markdown
+
+
+def test_report_starts_with_the_summary_card_and_side_by_side(edited: dict[str, Any]) -> None:
+    report = edited["report"]
+    assert report["direction"]["lang"] == "en" and report["direction"]["layer"] is not None
+    rows = {row["lang"]: row for row in report["languages"]}
+    assert rows["en"]["bypass"] == "bypassed"
+    markdown = (edited["out"] / "abliterate" / "report.md").read_text(encoding="utf-8")
+    sections = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert sections[:2] == ["## Summary", "## Before and after, side by side"]
+    card = markdown.split("## Summary", 1)[1].split("## ", 1)[0]
+    assert "from `en` prompts" in card and "**en** (English): **bypassed**" in card
+    for lang in LANGS:
+        items = report["side_by_side"][lang]
+        assert len(items) == 5
+        before = {r["id"]: r for r in report["before"]["languages"][lang]["harmful"]["records"]}
+        assert all(item["before"]["response"] == before[item["id"]]["response"] for item in items)
+    en = report["side_by_side"]["en"]
+    assert all(item["before"]["refused"] for item in en) and sum(item["after"]["refused"] for item in en) <= 1
 
 
 def test_report_has_kl_and_lm_eval_on_the_local_task(edited: dict[str, Any]) -> None:
@@ -161,3 +184,9 @@ def test_report_html_renders_in_a_headless_browser(edited: dict[str, Any]) -> No
     assert len(colours) >= 50, f"the screenshot looks blank: {len(colours)} colours"
     present = {c for _, c in colours}
     assert AFTER_RGB in present and BEFORE_RGB in present, "the inlined plots were not drawn"
+    # the summary card and the side-by-side table are drawn, at the top, before the plots
+    with image_module.open(shot) as picture:
+        top = picture.convert("RGB").crop((0, 0, 1200, 1300))
+        counts = {c: n for n, c in top.getcolors(maxcolors=1 << 20) or []}
+    assert counts.get(CARD_RGB, 0) > 20_000, "no summary card at the top of the page"
+    assert counts.get(SIDE_RGB, 0) > 1_000, "no side-by-side table at the top of the page"
