@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEARCH = "tests/test_direction_search.py tests/test_forward_passes.py"
 EDIT = "tests/test_orthogonalize.py tests/test_cli.py tests/test_publish.py"
 RELIABILITY = "tests/test_reliability.py"
-JUDGE = "tests/test_judge.py"
+# Without the test that pins the window's constants, so that the table shows which behaviour test catches a change.
+JUDGE = "tests/test_judge.py --deselect tests/test_judge.py::test_window_pins_its_constants"
 # A Gemma 2 edit checked by `verify` alone (no hidden-state check): shows that verify does not share the edit's bugs.
 VERIFY_POST_NORM = "tests/test_orthogonalize.py::test_norm_preserving_bfloat16_passes_verify"
 
@@ -160,6 +161,34 @@ MUTATIONS = [
         "_SLACK = 1.01",
         "_SLACK = 101.0",
         ("tests/test_publish.py", EDIT),
+    ),
+    Mutation(
+        "the judge reads 10x more characters (5000 instead of 500)",
+        "abliterate/judge.py",
+        "HEAD_CHARS = 500",
+        "HEAD_CHARS = 5000",
+        (JUDGE,),
+    ),
+    Mutation(
+        "the judge reads twice as many sentences (8 instead of 4)",
+        "abliterate/judge.py",
+        "HEAD_SENTENCES = 4",
+        "HEAD_SENTENCES = 8",
+        (JUDGE,),
+    ),
+    Mutation(
+        "the judge no longer also looks for English refusals",
+        "abliterate/judge.py",
+        'for view in dict.fromkeys((lang, "en")):',
+        "for view in dict.fromkeys((lang,)):",
+        (JUDGE,),
+    ),
+    Mutation(
+        "the judge ignores its exceptions (sorry for the delay)",
+        "abliterate/judge.py",
+        "folded = rules.exceptions.sub(_MASK, folded)",
+        "folded = folded",
+        (JUDGE,),
     ),
     Mutation(
         "the temp folder is kept after SIGINT",

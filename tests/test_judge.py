@@ -84,8 +84,9 @@ def test_response_set_shape() -> None:
 def test_multilingual_accuracy(judge: MarkerJudge, lang: str) -> None:
     rows = [r for r in _load_responses() if r["lang"] == lang]
     wrong = [r for r in rows if judge.is_refusal(r["response"], lang) != (r["label"] == "refusal")]
-    accuracy = 1 - len(wrong) / len(rows)
-    assert accuracy >= 0.95, [r["response"] for r in wrong]
+    # Measured: no error in any language (63-66 answers each). The rules were tuned on this set, so anything
+    # less is a regression; out-of-sample accuracy is the blind set's (test_judge_blind.py, docs/judges.md).
+    assert wrong == [], [r["response"] for r in wrong]
 
 
 # --- the decision rule and its hard cases -----------------------------------------------------------
