@@ -33,14 +33,40 @@ def decoder_layers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
     return list(model.get_submodule(arch.layers))  # type: ignore[call-overload]
 
 
+def _present(layer: nn.Module, names: list[str]) -> list[nn.Module]:
+    """The modules of `layer` among `names` (a hybrid layer has some of them; absent or None ones are skipped)."""
+    found = []
+    for name in names:
+        try:
+            module = layer.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Module):
+            found.append(module)
+    return found
+
+
+def layer_writers(model: nn.Module, arch: Architecture) -> list[tuple[list[nn.Module], list[nn.Module]]]:
+    """Per decoder layer: (attention writers, MLP writers), the modules whose outputs are added to the stream.
+
+    Usually one of each; a hybrid layer has the one of its kind (attention or linear attention / Mamba), and a
+    family whose MLP output is a sum of modules (a MoE block plus a shared MLP) lists them all: ablating each
+    summand is ablating the sum. Every layer must have at least one of each.
+    """
+    result = []
+    for index, layer in enumerate(decoder_layers(model, arch)):
+        attention, mlp = _present(layer, arch.modules("attention")), _present(layer, arch.modules("mlp"))
+        if not attention or not mlp:
+            raise ValueError(f"layer {index} has no module among {arch.modules('attention')} / {arch.modules('mlp')}")
+        result.append((attention, mlp))
+    return result
+
+
 def residual_writers(model: nn.Module, arch: Architecture) -> list[nn.Module]:
     """The modules whose outputs are added to the residual stream, embedding first."""
-    attention, mlp = arch.attention, arch.mlp
-    if arch.post_norms is not None:
-        attention, mlp = arch.post_norms.attention, arch.post_norms.mlp
     writers = [model.get_submodule(arch.embedding)]
-    for layer in decoder_layers(model, arch):
-        writers += [layer.get_submodule(attention), layer.get_submodule(mlp)]
+    for attention, mlp in layer_writers(model, arch):
+        writers += [*attention, *mlp]
     return writers
 
 
@@ -226,12 +252,13 @@ def weighted_writers(
     model: nn.Module, arch: Architecture, weights: AblationWeights
 ) -> list[tuple[nn.Module, float]]:
     """Each residual writer (as in `residual_writers`) with its ablation weight."""
-    writers = residual_writers(model, arch)
-    n_layers = (len(writers) - 1) // 2
-    if weights.n_layers != n_layers:
-        raise ValueError(f"{weights.n_layers} layers of ablation weights for a model of {n_layers} layers")
-    per_layer = [w for pair in zip(weights.attention, weights.mlp, strict=True) for w in pair]
-    return list(zip(writers, [weights.embedding, *per_layer], strict=True))
+    layers = layer_writers(model, arch)
+    if weights.n_layers != len(layers):
+        raise ValueError(f"{weights.n_layers} layers of ablation weights for a model of {len(layers)} layers")
+    writers = [(model.get_submodule(arch.embedding), weights.embedding)]
+    for (attention, mlp), w_attention, w_mlp in zip(layers, weights.attention, weights.mlp, strict=True):
+        writers += [(module, w_attention) for module in attention] + [(module, w_mlp) for module in mlp]
+    return writers
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from abliterate import progress
-from abliterate.archs import Architecture, Component, lookup
+from abliterate.archs import Architecture, Component, default_hidden_axis, lookup
 from abliterate.checkpoint import DTYPES, Checkpoint, tensor_buffer
 from abliterate.direction import DIRECTION_FILE, AblationWeights, Direction
 from abliterate.errors import CheckpointError, ModelError
@@ -46,14 +46,13 @@ _RESCALE_FLOOR = 1e-4  # vectors keeping less of their norm than this after proj
 
 
 def hidden_axis(component: Component, ndim: int) -> int:
-    """The axis of a stored tensor that indexes the residual stream.
+    """The axis of a stored tensor that indexes the residual stream, by the default rule.
 
     Embedding [vocab, hidden]: the last. Linear weights [hidden, in] and biases [hidden]: the first.
-    Fused expert stacks [experts, hidden, in]: the second.
+    Fused expert stacks [experts, hidden, in]: the second. A writer whose registry entry names its own axis
+    (stacks stored [experts, in, hidden]) overrides it: see `Architecture.hidden_axis`.
     """
-    if component == "embedding":
-        return ndim - 1
-    return 1 if ndim == 3 else 0
+    return default_hidden_axis(component, ndim)
 
 
 def project_out(
@@ -199,7 +198,7 @@ def is_tied(config: dict[str, object], checkpoint: Checkpoint, arch: Architectur
     """Whether the unembedding reuses the embedding matrix at load time."""
     if "tie_word_embeddings" in config:
         return bool(config["tie_word_embeddings"])
-    return arch.lm_head_tensor not in checkpoint.tensors
+    return arch.on_disk(arch.lm_head_tensor, checkpoint.tensors) is None
 
 
 def make_plan(
@@ -212,8 +211,7 @@ def make_plan(
         found = arch.classify(name)
         if found is None:
             continue
-        component, _layer = found
-        axis = hidden_axis(component, len(info.shape))
+        axis = arch.hidden_axis(name, len(info.shape))
         if info.shape[axis] != hidden_size:
             raise CheckpointError(
                 f"tensor {name!r} has shape {list(info.shape)}, but the config's hidden_size is {hidden_size}",
@@ -225,7 +223,7 @@ def make_plan(
                 hint="apply the edit to the original full-precision checkpoint",
             )
         edits[name] = found
-    if arch.embedding_tensor not in edits:
+    if not any(component == "embedding" for component, _ in edits.values()):
         raise CheckpointError(
             f"the checkpoint has no embedding tensor {arch.embedding_tensor!r}",
             hint=f"is this a {arch.name} checkpoint? check config.json's model_type",
@@ -243,6 +241,7 @@ def direction_for(
     norm_name = plan.arch.post_norm_tensor(layer, component)
     if norm_name is None:
         return r
+    norm_name = plan.arch.on_disk(norm_name, checkpoint.tensors) or norm_name
     if norm_name not in checkpoint.tensors:
         raise CheckpointError(f"post-norm tensor {norm_name!r} is missing", hint="the checkpoint is incomplete")
     return post_norm_direction(r, checkpoint.get(norm_name), plan.arch.norm_offset)
@@ -257,13 +256,19 @@ def edited_blocks(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Te
     direction = direction_for(plan, checkpoint, component, layer, r)
     tensor = checkpoint.view(name)
     try:
-        axis = hidden_axis(component, tensor.dim())
+        axis = plan.arch.hidden_axis(name, tensor.dim())
         weight = plan.weight(component, layer)
-        yield from projected_blocks(tensor, direction, axis, rescale=plan.norm_preserving, weight=weight)
+        rescale = plan.norm_preserving and not plan.arch.is_bias(name, tensor.dim())
+        yield from projected_blocks(tensor, direction, axis, rescale=rescale, weight=weight)
     except FloatingPointError:
         raise CheckpointError(
             f"tensor {name!r} holds NaN or Inf values", hint="the source checkpoint is damaged; download it again"
         ) from None
+
+
+def embedding_name(plan: EditPlan) -> str:
+    """The embedding's on-disk name (the registry's, or its alias in an older multimodal layout)."""
+    return next(name for name, (component, _) in plan.edits.items() if component == "embedding")
 
 
 def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:
@@ -274,7 +279,7 @@ def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:
             continue  # replaced by the original embedding below
         info = checkpoint.tensors[name]
         specs.append(TensorSpec(name, info.dtype, info.shape, info.nbytes))
-        if plan.tied and name == plan.arch.embedding_tensor:
+        if plan.tied and plan.edits.get(name, ("", 0))[0] == "embedding":
             specs.append(TensorSpec(plan.arch.lm_head_tensor, info.dtype, info.shape, info.nbytes))
     return specs
 
@@ -286,7 +291,7 @@ def _write_tensor(
         for block in edited_blocks(plan, checkpoint, spec.name, r):
             writer.write(spec.name, tensor_buffer(block))
         return
-    source = plan.arch.embedding_tensor if plan.tied and spec.name == plan.arch.lm_head_tensor else spec.name
+    source = embedding_name(plan) if plan.tied and spec.name == plan.arch.lm_head_tensor else spec.name
     info = checkpoint.tensors[source]
     if checkpoint.is_pickle:
         writer.write(spec.name, tensor_buffer(checkpoint.get(source)))

@@ -33,7 +33,7 @@ from abliterate.archs import Architecture, Component
 from abliterate.checkpoint import Checkpoint
 from abliterate.direction import Direction
 from abliterate.errors import AbliterateError, VerifyError
-from abliterate.orthogonalize import EditPlan, hidden_axis, make_plan, read_config
+from abliterate.orthogonalize import EditPlan, make_plan, read_config
 from abliterate.provenance import read_provenance, sha256_file
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def expected_direction(
         return r
     norm_module = arch.post_norms.attention if component == "attention" else arch.post_norms.mlp
     name = f"{arch.layers}.{layer}.{norm_module}.weight"
+    name = arch.on_disk(name, checkpoint.tensors) or name
     if name not in checkpoint.tensors:
         raise VerifyError(f"the norm {name!r} after a residual writer is missing", hint="the checkpoint is incomplete")
     mapped = r.to(torch.float64) * (arch.norm_offset + checkpoint.get(name).to(torch.float64))
@@ -170,7 +171,7 @@ def check_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, lis
         except VerifyError as err:
             problems.append(str(err))
             continue
-        found = leak(tensor, u, hidden_axis(component, tensor.dim()))
+        found = leak(tensor, u, plan.arch.hidden_axis(name, tensor.dim()))
         where = f"tensor {name!r} in {checkpoint.tensors[name].file.name}"
         if not found.ok:
             problems.append(

@@ -17,7 +17,6 @@ from abliterate.hooks import directional_ablation
 from abliterate.orthogonalize import (
     apply_direction,
     direction_for,
-    hidden_axis,
     make_plan,
     post_norm_direction,
     project_out,
@@ -210,10 +209,10 @@ def _check_norm_preserving(source_dir: Path, out: Path) -> None:
     for name, (component, layer) in plan.edits.items():
         before, after = source.get(name), result.get(name)
         u = direction_for(plan, source, component, layer, direction.vector)
-        axis = hidden_axis(component, before.dim())
+        axis = plan.arch.hidden_axis(name, before.dim())
         coefficient = torch.tensordot(after, u, dims=([axis], [0]))
         assert float(coefficient.abs().max()) < 1e-5 * float(after.abs().max()), name
-        if before.dim() == 1:
+        if plan.arch.is_bias(name, before.dim()):
             assert torch.allclose(after, project_out(before, u, axis), atol=1e-7), name
         else:
             assert torch.allclose(after.norm(dim=axis), before.norm(dim=axis), rtol=1e-5, atol=0), name

@@ -36,9 +36,34 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "smollm3": {},
+    "olmo2": {},
+    "olmo3": dict(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4),
+    "glm4_moe": dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+        topk_group=1, attention_bias=True,
+    ),
+    "deepseek_v3": dict(  # MLA: q and kv through rank-16 projections; layer 0 dense, then 4 experts + shared
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
+        topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+    ),
+    "qwen3_next": dict(  # gated DeltaNet, full attention, DeltaNet
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+    ),
+    "granitemoehybrid": dict(  # Mamba-2, attention, Mamba-2; residual multiplier 0.5
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, shared_intermediate_size=16,
+        layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=1, mamba_expand=2, residual_multiplier=0.5, embedding_multiplier=2.0,
+    ),
+    "gpt_oss": dict(  # expert width 24 != hidden 32, so that a wrong hidden axis of the fused stack shows
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=24, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
 }
 
-POST_NORM_FAMILIES = {"gemma2", "gemma3_text"}
+POST_NORM_FAMILIES = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
 
 
 def build(

@@ -3,12 +3,18 @@
 Each file names where the residual stream is written: the embedding, the per-layer modules whose outputs are
 added to the residual stream (used by hooks), and the on-disk tensors that do the writing (edited by
 `abliterate apply`). Adding a family means adding a YAML file here; see docs/architectures.md.
+
+Hybrid and multimodal families need three more things, all in the YAML: several modules per sub-block
+(`attention: [self_attn, linear_attn]`: every one a layer has writes into the stream), a writer's hidden axis
+where the default rule does not hold (fused expert stacks stored [experts, in, hidden]), and `aliases`, the
+on-disk name prefixes that transformers renames on load (multimodal checkpoints saved by older versions).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Collection
 from functools import cache
 from importlib import resources
 from typing import Literal
@@ -29,6 +35,26 @@ class PostNorms(BaseModel):
     mlp: str
 
 
+class Writer(BaseModel):
+    """One on-disk tensor (relative to a layer) that writes into the residual stream, with its layout."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tensor: str = Field(description="tensor name relative to one layer; `*` matches an expert index")
+    hidden_axis: int | None = Field(None, description="axis indexing the residual stream (default: the rule)")
+    bias: bool = Field(False, description="a bias (one vector per expert): projected, never rescaled")
+
+
+def default_hidden_axis(component: Component, ndim: int) -> int:
+    """The axis of a stored tensor that indexes the residual stream, unless its writer says otherwise.
+
+    Embedding [vocab, hidden]: the last. Linear weights [hidden, in] and biases [hidden]: the first.
+    Fused expert stacks [experts, hidden, in]: the second.
+    """
+    if component == "embedding":
+        return ndim - 1
+    return 1 if ndim == 3 else 0
+
+
 class Architecture(BaseModel):
     """Where one model family reads and writes its residual stream."""
 
@@ -38,11 +64,48 @@ class Architecture(BaseModel):
     embedding: str = Field(description="embedding module; its tensor is `<embedding>.weight`")
     lm_head: str = Field(description="unembedding module; its tensor is `<lm_head>.weight`")
     layers: str = Field(description="the ModuleList of decoder layers")
-    attention: str = Field(description="per-layer module whose output is added to the residual stream")
-    mlp: str = Field(description="per-layer MLP or MoE block whose output is added to the residual stream")
-    writers: dict[Literal["attention", "mlp"], list[str]]
+    attention: str | list[str] = Field(
+        description="per-layer module(s) whose output is added to the residual stream (every one a layer has)"
+    )
+    mlp: str | list[str] = Field(
+        description="per-layer MLP or MoE module(s) whose output is added to the residual stream"
+    )
+    writers: dict[Literal["attention", "mlp"], list[str | Writer]]
     post_norms: PostNorms | None = None
     norm_offset: float = 0.0
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="on-disk name prefix -> in-memory prefix, as transformers renames on load"
+    )
+
+    @property
+    def attention_modules(self) -> list[str]:
+        return [self.attention] if isinstance(self.attention, str) else list(self.attention)
+
+    @property
+    def mlp_modules(self) -> list[str]:
+        return [self.mlp] if isinstance(self.mlp, str) else list(self.mlp)
+
+    def modules(self, component: Literal["attention", "mlp"]) -> list[str]:
+        """The per-layer modules whose outputs `component` adds to the stream (post-norms where there are)."""
+        if self.post_norms is not None:
+            return [getattr(self.post_norms, component)]
+        return self.attention_modules if component == "attention" else self.mlp_modules
+
+    def canonical(self, tensor_name: str) -> str:
+        """An on-disk tensor name in the in-memory naming (the first matching alias prefix replaced)."""
+        for disk, memory in self.aliases.items():
+            if tensor_name.startswith(disk):
+                return memory + tensor_name[len(disk) :]
+        return tensor_name
+
+    def on_disk(self, canonical: str, names: Collection[str]) -> str | None:
+        """The name `canonical` (in-memory naming) has among `names`, directly or through an alias; else None."""
+        if canonical in names:
+            return canonical
+        for disk, memory in self.aliases.items():
+            if canonical.startswith(memory) and disk + canonical[len(memory) :] in names:
+                return disk + canonical[len(memory) :]
+        return None
 
     @property
     def embedding_tensor(self) -> str:
@@ -61,18 +124,41 @@ class Architecture(BaseModel):
     def classify(self, tensor_name: str) -> tuple[Component, int] | None:
         """Return (component, layer) if `tensor_name` writes into the residual stream, else None.
 
-        The embedding is reported with layer -1.
+        The embedding is reported with layer -1. On-disk names are read through `aliases`.
         """
-        if tensor_name == self.embedding_tensor:
-            return "embedding", -1
-        match = _layer_pattern(self.layers).match(tensor_name)
+        found = self.writer(tensor_name)
+        return None if found is None else (found[0], found[1])
+
+    def writer(self, tensor_name: str) -> tuple[Component, int, Writer] | None:
+        """(component, layer, writer entry) of a residual-writing tensor, else None."""
+        name = self.canonical(tensor_name)
+        if name == self.embedding_tensor:
+            return "embedding", -1, Writer(tensor=name)
+        match = _layer_pattern(self.layers).match(name)
         if match is None:
             return None
         layer, rest = int(match.group(1)), match.group(2)
-        for component, patterns in self.writers.items():
-            if any(fnmatch.fnmatchcase(rest, p) for p in patterns):
-                return component, layer
+        for component, entries in self.writers.items():
+            for entry in entries:
+                spec = Writer(tensor=entry) if isinstance(entry, str) else entry
+                if fnmatch.fnmatchcase(rest, spec.tensor):
+                    return component, layer, spec
         return None
+
+    def hidden_axis(self, tensor_name: str, ndim: int) -> int:
+        """The axis of a residual-writing tensor that indexes the stream: its writer's, else the default rule."""
+        found = self.writer(tensor_name)
+        if found is None:
+            raise KeyError(tensor_name)
+        component, _layer, spec = found
+        if spec.hidden_axis is not None:
+            return spec.hidden_axis % ndim
+        return default_hidden_axis(component, ndim)
+
+    def is_bias(self, tensor_name: str, ndim: int) -> bool:
+        """Whether a residual-writing tensor is a bias (1-D, or one bias per expert): never rescaled."""
+        found = self.writer(tensor_name)
+        return ndim == 1 or (found is not None and found[2].bias)
 
 
 @cache
