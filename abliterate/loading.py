@@ -18,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -177,6 +177,27 @@ def quantization_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndByt
     raise ModelError(f"unknown quantization {quantize!r}", hint="use --quantize none, 4bit or 8bit")
 
 
+def auto_model_class(folder: Path) -> Any:
+    """The transformers auto class that loads `folder` as a language model for forward passes.
+
+    AutoModelForCausalLM, except for multimodal families that have no causal-LM class (mistral3): those load as
+    image-text-to-text models, which take text alone just as well.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return AutoModelForCausalLM  # transformers reports the problem itself
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer, set up for batches: left padding and a pad token."""
     from transformers import AutoTokenizer
@@ -201,8 +222,6 @@ def load_model(
     `quantize` (4bit or 8bit) loads the linear layers with bitsandbytes; the other weights, and 4-bit
     matmuls, use `dtype` (auto: bfloat16 on GPU, float32 on CPU). The files on disk are not changed.
     """
-    from transformers import AutoModelForCausalLM
-
     check_quantize(quantize)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -211,7 +230,7 @@ def load_model(
     extra = {"quantization_config": quantized} if quantized is not None else {}
     try:
         tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_model_class(source.folder).from_pretrained(
             source.folder, dtype=torch_dtype, device_map=device_map, trust_remote_code=trust_remote_code, **extra
         )
     except ValueError as err:

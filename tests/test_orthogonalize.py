@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, POST_NORM_FAMILIES, build
-from transformers import AutoModelForCausalLM
+from tiny_models import FAMILIES, POST_NORM_FAMILIES, build, load
 
 from abliterate.archs import lookup
 from abliterate.checkpoint import Checkpoint
@@ -30,12 +29,13 @@ HIDDEN = 32
 
 def _edit(tmp_path: Path, family: str, tied: bool) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, Path]:
     source = tmp_path / "source"
-    model = build(family, source, tied=tied)
+    build(family, source, tied=tied)
+    model = load(source)  # as the tool loads it (a multimodal family may load as its language model alone)
     r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
     r = r / r.norm()
     out = tmp_path / "out"
     apply_direction(source, Direction(r), out, max_shard_size=40_000)
-    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    edited = load(out)
     return model, edited, r, out
 
 
@@ -64,21 +64,34 @@ def test_edit_matches_ablation_and_removes_direction(tmp_path: Path, family: str
     assert (out / "abliterate" / "direction.safetensors").is_file()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
+# Expected count of edited tensors per family (embedding + writers of 3 layers), counted from the modeling code.
+EDITED_COUNTS = {
+    "llama": 7, "gemma2": 7, "qwen2_moe": 1 + 3 * (1 + 4 + 1),
+    "gpt_oss": 1 + 3 * (2 + 2),  # o_proj weight and bias; fused experts and their biases
+    "granitemoehybrid": 1 + 3 * (1 + 2),  # mamba or attention out_proj; fused experts and shared MLP
+    "llama4": 1 + 3 + 1 + (1 + 1) + 1,  # o_proj x3; dense, MoE (shared + fused experts), dense
+    "deepseek_v3": 1 + 3 + 1 + 2 * (4 + 1),  # o_proj x3; dense layer 0, then 4 experts + shared
+    "gemma3": 7, "mistral3": 7, "qwen3_5_moe": 1 + 3 * (1 + 4 + 1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EDITED_COUNTS))
 def test_untouched_tensors_are_byte_identical(tmp_path: Path, family: str) -> None:
     _model, _edited, _r, out = _edit(tmp_path, family, tied=True)
     source, result = Checkpoint.open(tmp_path / "source"), Checkpoint.open(out)
     arch = lookup(family)
     edited = {n for n in source.tensors if arch.classify(n) is not None}
+    assert len(edited) == EDITED_COUNTS[family]
     assert set(result.tensors) == set(source.tensors) | {arch.lm_head_tensor}
     for name in source.tensors:
         same = b"".join(source.iter_raw(name)) == b"".join(result.iter_raw(name))
         assert same != (name in edited), name
     # The untied unembedding is the original embedding, bit for bit.
-    assert b"".join(result.iter_raw(arch.lm_head_tensor)) == b"".join(source.iter_raw(arch.embedding_tensor))
-    if family == "qwen2_moe":
-        experts = [n for n in edited if ".experts." in n]
-        assert len(experts) == 3 * 4  # every expert's down projection in every layer
+    embedding = arch.on_disk(arch.embedding_tensor, source.tensors)
+    assert embedding is not None
+    assert b"".join(result.iter_raw(arch.lm_head_tensor)) == b"".join(source.iter_raw(embedding))
+    vision = [n for n in source.tensors if n.startswith(("vision_", "model.visual.", "multi_modal_projector."))]
+    assert bool(vision) == (family in {"gemma3", "mistral3", "llama4", "qwen3_5_moe"})  # copied, checked above
 
 
 def test_bfloat16_source_is_edited_in_float32_and_cast_back(tmp_path: Path) -> None:
@@ -229,14 +242,15 @@ def test_norm_preserving_edit(tmp_path: Path, family: str, tied: bool) -> None:
     _check_norm_preserving(tmp_path / "source", out)
     arch, result = lookup(family), Checkpoint.open(out)
     if tied:  # untied exactly as in the plain edit: the original embedding is the unembedding
-        embedding = b"".join(Checkpoint.open(tmp_path / "source").iter_raw(arch.embedding_tensor))
+        source = Checkpoint.open(tmp_path / "source")
+        embedding = b"".join(source.iter_raw(arch.on_disk(arch.embedding_tensor, source.tensors) or ""))
         assert b"".join(result.iter_raw(arch.lm_head_tensor)) == embedding
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     record = read_provenance(out)
     assert record["edit"]["norm_preserving"] is True and record["direction"]["method"] == "norm-preserving"
     assert verify(out).worst < 1.0
     # No residual state of the edited model carries r (post-norm families: through u, as in the plain edit).
-    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    edited = load(out)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         hidden_states = edited(ids, output_hidden_states=True).hidden_states[:-1]

@@ -63,7 +63,63 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
 }
 
-POST_NORM_FAMILIES = {"gemma2", "gemma3_text", "olmo2", "olmo3"}
+_HYBRID = dict(
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+)
+_SMALL_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                     patch_size=4)
+# Multimodal families: (class saved, language-model config overrides, vision config, top-level config). The text
+# part gets BASE and the overrides; the checkpoint is written by the multimodal class, in the layout transformers
+# gives it (which for gemma3, mistral3 and llama4 is the hub's older language_model.model.* layout).
+MULTIMODAL: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "qwen3_5": (
+        "Qwen3_5ForConditionalGeneration", _HYBRID,
+        dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+             temporal_patch_size=1, spatial_merge_size=1),
+        {},
+    ),
+    "qwen3_5_moe": (
+        "Qwen3_5MoeForConditionalGeneration",
+        dict(_HYBRID, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             shared_expert_intermediate_size=16),
+        dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+             temporal_patch_size=1, spatial_merge_size=1),
+        {},
+    ),
+    "llama4": (  # layer 0 dense, layer 1 MoE (shared expert + fused experts), layer 2 dense
+        "Llama4ForConditionalGeneration",
+        dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16, intermediate_size_mlp=64,
+             interleave_moe_layer_step=2, no_rope_layers=[1, 1, 0], attention_chunk_size=8),
+        dict(_SMALL_VISION, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16),
+        {},
+    ),
+    "gemma3": ("Gemma3ForConditionalGeneration", {}, _SMALL_VISION, dict(mm_tokens_per_image=4)),
+    "mistral3": ("Mistral3ForConditionalGeneration", {}, dict(_SMALL_VISION, head_dim=8), dict(spatial_merge_size=1)),
+}
+FAMILIES.update({family: {} for family in MULTIMODAL})
+
+POST_NORM_FAMILIES = {"gemma2", "gemma3_text", "olmo2", "olmo3", "gemma3"}
+
+
+def _multimodal(model_type: str, kwargs: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    import transformers
+
+    cls, text, vision, top = MULTIMODAL[model_type]
+    tied = {k: v for k, v in kwargs.items() if k == "tie_word_embeddings"}
+    config = AutoConfig.for_model(
+        model_type, text_config={**kwargs, **text}, vision_config=vision, **top, **tied
+    )
+    model: PreTrainedModel = getattr(transformers, cls)._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A saved tiny model loaded the way the tool loads it for forward passes (`loading.auto_model_class`)."""
+    from abliterate.loading import auto_model_class
+
+    model: PreTrainedModel = auto_model_class(folder).from_pretrained(folder, dtype=dtype)
+    return model.eval()
 
 
 def build(
@@ -80,8 +136,11 @@ def build(
     kwargs = {**BASE, **FAMILIES[model_type], **(extra or {})}
     if tied is not None:
         kwargs["tie_word_embeddings"] = tied
-    config = AutoConfig.for_model(model_type, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if model_type in MULTIMODAL:
+        model = _multimodal(model_type, kwargs, dtype)
+    else:
+        config = AutoConfig.for_model(model_type, **kwargs)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():  # random init is tiny (std 0.02); widen it so that every component matters
         for name, param in model.named_parameters():
             if "norm" in name:
