@@ -3,6 +3,9 @@
 A `Checkpoint` indexes every tensor of a model folder (sharded or single-file safetensors, or — only when the
 user allows it — pickle `.bin` files) from the file headers alone, validates the index against the files, and
 hands out one tensor at a time. Nothing here holds more than one tensor in memory.
+
+A quantized checkpoint (FP8 block scales, MXFP4) is indexed with the quantized modules that write to the
+residual stream replaced by *derived* bfloat16 tensors, computed when read (`abliterate.quantized`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import logging
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,11 +136,25 @@ class Checkpoint:
         self.tensors = tensors
         self.metadata = metadata
         self.is_pickle = pickle
+        self.derived: dict[str, Callable[[], torch.Tensor]] = {}  # name -> float32 values (dequantized)
+        self.unquantized: list[str] = []  # modules whose quantized tensors were replaced by derived ones
 
     @classmethod
     def open(cls, folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
-        """Index a model folder. Pickle `.bin` checkpoints need `allow_pickle` (they can run code on load)."""
-        folder = Path(folder)
+        """Index a model folder. Pickle `.bin` checkpoints need `allow_pickle` (they can run code on load).
+
+        The residual writers of an FP8 or MXFP4 checkpoint are indexed dequantized (see the module docstring).
+        """
+        from abliterate.quantized import dequantize_writers, read_folder_config
+
+        checkpoint = cls._open(Path(folder), allow_pickle=allow_pickle)
+        dequantized = dequantize_writers(checkpoint, read_folder_config(Path(folder)))
+        if dequantized is not None:
+            checkpoint.unquantized = dequantized.modules
+        return checkpoint
+
+    @classmethod
+    def _open(cls, folder: Path, *, allow_pickle: bool) -> Checkpoint:
         index = folder / SAFETENSORS_INDEX
         if index.is_file():
             files, by_name = _files_from_index(folder, index)
@@ -209,7 +226,9 @@ class Checkpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor (CPU)."""
+        """Load one tensor (CPU); a derived (dequantized) tensor comes in float32."""
+        if name in self.derived:
+            return self.derived[name]()
         info = self.tensors[name]
         if self.is_pickle:
             return _load_pickle(info.file)[name]
@@ -220,7 +239,7 @@ class Checkpoint:
     def view(self, name: str) -> torch.Tensor:
         """A read-only tensor over the stored bytes, memory-mapped (no copy); do not modify it."""
         info = self.tensors[name]
-        if self.is_pickle or info.nbytes == 0:
+        if self.is_pickle or info.nbytes == 0 or name in self.derived:
             return self.get(name)
         raw = np.memmap(info.file, dtype=np.uint8, mode="r", offset=info.start, shape=(info.nbytes,))
         with warnings.catch_warnings():  # torch warns that the array is read-only: the edit never writes to it
@@ -231,8 +250,8 @@ class Checkpoint:
     def iter_raw(self, name: str, chunk: int = 64 << 20) -> Iterator[bytes]:
         """Yield a tensor's stored bytes unchanged, in chunks (safetensors sources only)."""
         info = self.tensors[name]
-        if self.is_pickle:
-            yield bytes(tensor_buffer(self.get(name)))
+        if self.is_pickle or name in self.derived:
+            yield bytes(tensor_buffer(self.get(name).to(DTYPES[info.dtype])))
             return
         with info.file.open("rb") as fh:
             fh.seek(info.start)

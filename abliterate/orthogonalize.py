@@ -32,6 +32,7 @@ from abliterate.errors import CheckpointError, ModelError
 from abliterate.loading import ModelSource
 from abliterate.output import atomic_output, ensure_free_space
 from abliterate.provenance import FileHasher, hub_blob_sha256, record_output
+from abliterate.quantized import adjusted_quantization_config
 from abliterate.shards import ShardWriter, TensorSpec, plan_shards, write_index
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class EditPlan:
     tied: bool
     norm_preserving: bool = False  # rescale every edited weight vector to its original norm
     weights: AblationWeights | None = None  # per-layer partial ablation (None: weight 1 everywhere)
+    unquantized: tuple[str, ...] = ()  # quantized modules written dequantized (bf16): kept out of quantization
 
     def weight(self, component: Component, layer: int) -> float:
         return 1.0 if self.weights is None else self.weights.weight(component, layer)
@@ -217,7 +219,7 @@ def make_plan(
                 f"tensor {name!r} has shape {list(info.shape)}, but the config's hidden_size is {hidden_size}",
                 hint="the checkpoint and config.json disagree; download the model again",
             )
-        if not DTYPES[info.dtype].is_floating_point:
+        if not DTYPES[info.dtype].is_floating_point or info.dtype.startswith("F8"):
             raise CheckpointError(
                 f"tensor {name!r} is stored as {info.dtype} (quantized?)",
                 hint="apply the edit to the original full-precision checkpoint",
@@ -232,7 +234,8 @@ def make_plan(
         raise CheckpointError(
             "no attention or MLP output tensors found", hint="the checkpoint does not match its model_type"
         )
-    return EditPlan(arch, edits, is_tied(config, checkpoint, arch), norm_preserving)
+    unquantized = tuple(checkpoint.unquantized)
+    return EditPlan(arch, edits, is_tied(config, checkpoint, arch), norm_preserving, unquantized=unquantized)
 
 
 def direction_for(
@@ -289,7 +292,10 @@ def _write_tensor(
 ) -> None:
     if spec.name in plan.edits:
         for block in edited_blocks(plan, checkpoint, spec.name, r):
-            writer.write(spec.name, tensor_buffer(block))
+            writer.write(spec.name, tensor_buffer(block.to(DTYPES[spec.dtype])))  # derived: float32 -> bf16
+        return
+    if spec.name in checkpoint.derived:  # dequantized with its module, not a writer itself
+        writer.write(spec.name, tensor_buffer(checkpoint.get(spec.name).to(DTYPES[spec.dtype])))
         return
     source = embedding_name(plan) if plan.tied and spec.name == plan.arch.lm_head_tensor else spec.name
     info = checkpoint.tensors[source]
@@ -300,14 +306,22 @@ def _write_tensor(
 
 
 def write_config(source: Path, out: Path, config: dict[str, object], plan: EditPlan) -> None:
-    """config.json for the output: untied if the source was tied, and never claiming quantization."""
+    """config.json for the output: untied if the source was tied, and never claiming quantization that its
+    tensors do not have (a quantized source keeps its quantization_config, with the modules written dequantized
+    added to `modules_to_not_convert`)."""
     config = dict(config)
     if plan.tied:
         config["tie_word_embeddings"] = False
         text_config = config.get("text_config")
         if isinstance(text_config, dict):
             text_config["tie_word_embeddings"] = False
-    config.pop("quantization_config", None)
+    quantization = config.pop("quantization_config", None)
+    if plan.unquantized and isinstance(quantization, dict):
+        config["quantization_config"] = adjusted_quantization_config(quantization, list(plan.unquantized))
+        log.info(
+            "quantization_config kept; %d dequantized modules added to its modules_to_not_convert",
+            len(plan.unquantized),
+        )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
