@@ -25,6 +25,10 @@ KNOWN_MODELS = {
     "google/gemma-2-9b-it": ("gemma2", 42),
     "Qwen/Qwen2.5-7B-Instruct": ("qwen2", 28),
     "Qwen/Qwen2.5-0.5B-Instruct": ("qwen2", 24),
+    "google/gemma-3-12b-it": ("gemma3", 48),
+    "Qwen/Qwen3-8B": ("qwen3", 36),
+    "openai/gpt-oss-20b": ("gpt_oss", 24),
+    "mistralai/Mistral-Small-3.2-24B-Instruct-2506": ("mistral3", 40),
 }
 EXPECTED = {
     "llama-3-8b-instruct": (12, -5, "en"),
@@ -33,6 +37,10 @@ EXPECTED = {
     "llama-3.1-8b-instruct": (None, None, "en"),
     "gemma-2-9b-it": (None, None, "en"),
     "qwen2.5-0.5b-instruct": (None, None, "en"),
+    "gemma-3-12b-it": (None, None, "en"),
+    "qwen3-8b": (None, None, "en"),
+    "gpt-oss-20b": (None, None, "en"),
+    "mistral-small-3.2-24b-instruct": (None, None, "en"),
 }
 
 
