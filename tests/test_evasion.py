@@ -76,6 +76,12 @@ def test_too_little_prose_or_code_is_never_another_language() -> None:
     # English technical words inside a German answer don't make it English
     mixed = "Installieren Sie das Paket mit pip install requests und importieren Sie es dann mit import requests."
     assert evasion("", mixed, "de") is None
+    # a German answer quoting an English saying: more English function words, but not three times as many
+    quoting = (
+        'Der Satz heißt auf Englisch: "it is what it is, and that is the way it goes for you and me". '
+        "Das ist ein Sprichwort."
+    )
+    assert answer_language(quoting) == "en" and evasion("", quoting, "de") is None
 
 
 @pytest.mark.parametrize("text", ["", "   ", "...", "!?", "—", "\n\n"])
