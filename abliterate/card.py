@@ -96,15 +96,16 @@ def card_data(record: dict[str, Any]) -> Any:
     hub = record["source"].get("kind") == "hub"
     lang = record["direction"].get("lang")
     tags = list(dict.fromkeys([*_as_list(base.get("tags")), *TAGS]))
+    adapter = record.get("format", {}).get("kind") == "adapter"
     return ModelCardData(
         base_model=source if hub else None,
-        base_model_relation="finetune" if hub else None,
+        base_model_relation=("adapter" if adapter else "finetune") if hub else None,
         license=base.get("license"),
         license_name=base.get("license_name"),
         license_link=base.get("license_link"),
         language=_as_list(base.get("language")) or ([lang] if lang else None),
         tags=tags,
-        library_name=base.get("library_name") or "transformers",
+        library_name="peft" if adapter else base.get("library_name") or "transformers",
         pipeline_tag=base.get("pipeline_tag") or "text-generation",
     )
 
@@ -170,6 +171,7 @@ def _done_section(record: dict[str, Any]) -> str:
         ("Selection", _selection_line(record)),
         ("Prompts", _prompts_line(record)),
         ("Edited tensors", _edited_line(record)),
+        *([("Format", str(record["format"]["summary"]))] if record.get("format", {}).get("summary") else []),
         ("Tool", f"abliterate {record['tool']['version']} ({lib_text})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -40,6 +40,8 @@ DIRECTION_OPTIONS = [
     "filter_prompts",
     "refusal_tokens",
 ]
+# Options of the written output (`edit`, `apply`, `optimize --pick`).
+FORMAT_OPTIONS = ["format", "gguf_edited_type", "gguf_reproject"]
 # Options of the evaluation (`eval`, and `edit` unless --no-eval).
 EVAL_OPTIONS = ["langs", "judge", "harm_judge", "tasks", "limit", "max_new_tokens", "engine"]
 
@@ -91,7 +93,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     noisy_libraries = ("transformers", "huggingface_hub", "urllib3", "filelock", "httpx", "lm_eval", "datasets",
-                       "optuna", "alembic", "bitsandbytes")
+                       "optuna", "alembic", "bitsandbytes", "gguf", "peft")
     for noisy in (*noisy_libraries, "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
     try:
@@ -124,7 +126,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.option("--eval/--no-eval", "eval_", default=None, help="Evaluate the base and edited model (default on).")
 @click.option("--push-to", metavar="ORG/NAME", default=None, help="Upload the result to this hub repo (private).")
 @click.option("--public", is_flag=True, help="With --push-to: make a new hub repo public instead of private.")
-@settings_options("max_shard_size", *DIRECTION_OPTIONS, *EVAL_OPTIONS, "eval_prompts", *MODEL_OPTIONS)
+@settings_options("max_shard_size", *FORMAT_OPTIONS, *DIRECTION_OPTIONS, *EVAL_OPTIONS, "eval_prompts", *MODEL_OPTIONS)
 def edit(
     model: str | None, recipe: Path | None, eval_: bool | None, push_to: str | None, public: bool, **given: Any
 ) -> None:
@@ -176,26 +178,22 @@ def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@settings_options("max_shard_size", "revision", "allow_pickle")
+@settings_options("max_shard_size", *FORMAT_OPTIONS, "revision", "allow_pickle")
 def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given: Any) -> None:
     """Orthogonalize MODEL's weights against a saved direction (streaming; no GPU, no forward pass)."""
     from abliterate.direction import Direction
+    from abliterate.export import OutputOptions, apply_edit, check_format
     from abliterate.loading import resolve
-    from abliterate.orthogonalize import apply_direction
 
     settings = _settings(None, model=model, out=out, overwrite=overwrite, **given)
+    check_format(settings)
     direction = Direction.load(direction_file)
     source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
-    plan = apply_direction(
-        source.folder,
-        direction,
-        out,
-        max_shard_size=settings.max_shard_bytes,
-        overwrite=overwrite,
-        allow_pickle=settings.allow_pickle,
-        model=source,
-    )
-    click.echo(f"edited {len(plan.edits)} tensors ({plan.arch.name}) -> {out}")
+    written = apply_edit(source, direction, out, OutputOptions.from_settings(settings), overwrite=overwrite,
+                         allow_pickle=settings.allow_pickle)
+    click.echo(f"edited {len(written.plan.edits)} tensors ({written.plan.arch.name}) -> {out}")
+    if written.summary:
+        click.echo(written.summary)
 
 
 @cli.command("prompts")
@@ -416,7 +414,8 @@ def crosslingual_command(
 
 
 OPTIMIZE_OPTIONS = ["langs", "judge", "lang", "prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold",
-                    "prune_layers", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "max_shard_size"]
+                    "prune_layers", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "max_shard_size",
+                    *FORMAT_OPTIONS]
 
 
 @cli.command("optimize")

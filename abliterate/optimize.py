@@ -43,11 +43,12 @@ from abliterate.checkpoint import Checkpoint
 from abliterate.direction import AblationWeights, Direction
 from abliterate.directions import make_batches
 from abliterate.errors import UsageError
+from abliterate.export import OutputOptions, check_format, sources_of, write_edit
 from abliterate.hooks import weighted_ablation
 from abliterate.judge import Judge, make_judge
 from abliterate.languages import parse_languages
 from abliterate.loading import resolve
-from abliterate.orthogonalize import read_config, write_checkpoint
+from abliterate.orthogonalize import read_config
 from abliterate.output import atomic_output, check_output
 from abliterate.pareto import ParetoReport, Profile, TrialRow, write_report
 from abliterate.provenance import record_output
@@ -540,12 +541,13 @@ def pick_trial(
     row = trial_row(trial, n_layers)
     source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)
     checkpoint = Checkpoint.open(source.folder, allow_pickle=settings.allow_pickle)
-    with atomic_output(options.out, overwrite=options.overwrite, sources=[source.folder]) as tmp:
-        plan = write_checkpoint(checkpoint, read_config(source.folder), direction, tmp, settings.max_shard_bytes)
+    with atomic_output(options.out, overwrite=options.overwrite, sources=sources_of(source)) as tmp:
+        written = write_edit(OutputOptions.from_settings(settings), source, checkpoint, read_config(source.folder),
+                             direction, tmp)
         weights = params.weights(n_layers).to_dict()
         record = {"trial": row.to_json(), "params": trial.params, "weights": weights, "study": options.study.name}
         (tmp / "abliterate" / OPTIMIZE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        record_output(tmp, source, checkpoint, plan, direction)
+        record_output(tmp, source, checkpoint, written.plan, direction, output_format=written.record)
     return Path(options.out).resolve(), row
 
 
@@ -565,6 +567,7 @@ def _check_start(settings: Settings, options: OptimizeOptions) -> None:
     if settings.method not in SUPPORTED_METHODS:
         raise UsageError(f"optimize does not support --method {settings.method}",
                          hint="trials are hooks that model the plain projection; use standard or projected")
+    check_format(settings)
     source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL
     if options.out is not None:
         check_output(options.out, overwrite=options.overwrite, sources=[source.folder])

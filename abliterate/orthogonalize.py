@@ -349,6 +349,25 @@ def _checked_weights(weights: AblationWeights, plan: EditPlan) -> AblationWeight
     return weights
 
 
+def plan_edit(checkpoint: Checkpoint, config: dict[str, object], direction: Direction) -> EditPlan:
+    """The edit of `direction` on `checkpoint`: sizes checked, method and per-layer weights applied.
+
+    Shared by every output format (safetensors here, GGUF and LoRA adapters in their own modules).
+    """
+    hidden_size = int(config.get("hidden_size") or direction.hidden_size)  # type: ignore[call-overload]
+    if direction.hidden_size != hidden_size:
+        raise CheckpointError(
+            f"the direction has {direction.hidden_size} dimensions, the model's hidden_size is {hidden_size}",
+            hint="use a direction computed on this model (or one of the same family and size)",
+        )
+    plan = make_plan(checkpoint, config, hidden_size, norm_preserving=direction.method == NORM_PRESERVING)
+    if plan.norm_preserving:
+        log.info("norm-preserving edit: every edited weight vector is rescaled to its original norm")
+    if direction.weights is not None:
+        plan = replace(plan, weights=_checked_weights(direction.weights, plan))
+    return plan
+
+
 def write_checkpoint(
     checkpoint: Checkpoint,
     config: dict[str, object],
@@ -362,17 +381,7 @@ def write_checkpoint(
     With `hasher`, the source's weight files are hashed in the background from the start and every output
     shard as soon as it is closed (for the provenance record), overlapping the edit.
     """
-    hidden_size = int(config.get("hidden_size") or direction.hidden_size)  # type: ignore[call-overload]
-    if direction.hidden_size != hidden_size:
-        raise CheckpointError(
-            f"the direction has {direction.hidden_size} dimensions, the model's hidden_size is {hidden_size}",
-            hint="use a direction computed on this model (or one of the same family and size)",
-        )
-    plan = make_plan(checkpoint, config, hidden_size, norm_preserving=direction.method == NORM_PRESERVING)
-    if plan.norm_preserving:
-        log.info("norm-preserving edit: every edited weight vector is rescaled to its original norm")
-    if direction.weights is not None:
-        plan = replace(plan, weights=_checked_weights(direction.weights, plan))
+    plan = plan_edit(checkpoint, config, direction)
     if plan.tied:
         log.info(
             "tied embeddings: writing the original embedding as %s and setting tie_word_embeddings=false, "

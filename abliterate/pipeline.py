@@ -26,9 +26,10 @@ from abliterate.directions import Candidates, make_batches, make_candidates, mea
 from abliterate.engines import check_engine
 from abliterate.errors import UsageError
 from abliterate.evaluate import EditEvaluation, EvalOptions, select_prompts
+from abliterate.export import OutputOptions, check_format, sources_of, write_edit
 from abliterate.hooks import ForwardCount, count_forwards
 from abliterate.loading import ModelSource, check_quantize, load_model, resolve
-from abliterate.orthogonalize import read_config, write_checkpoint
+from abliterate.orthogonalize import read_config
 from abliterate.output import atomic_output, check_output
 from abliterate.provenance import FileHasher, record_output
 from abliterate.selection import (
@@ -373,11 +374,12 @@ def run_edit(settings: Settings) -> EditResult:
     if settings.out is None:
         raise UsageError("no output folder given", hint="pass --out DIR")
     check_quantize(settings.quantize)
+    check_format(settings, evaluate=settings.eval)
     if settings.eval:
         check_engine(settings.engine, settings.quantize)  # vLLM and a GPU, before any model is loaded
     resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL first
     loaded = load(settings)
-    check_output(settings.out, overwrite=settings.overwrite, sources=[loaded.source.folder])
+    check_output(settings.out, overwrite=settings.overwrite, sources=sources_of(loaded.source))
     settings = resolve_batch_size(settings, loaded, evaluation_texts(settings) if settings.eval else ())
     assert settings.out is not None  # checked above; resolving the batch size keeps it
     evaluation = EditEvaluation.prepare(settings) if settings.eval else None  # fails fast (tasks, prompts, judge)
@@ -388,11 +390,14 @@ def run_edit(settings: Settings) -> EditResult:
     del loaded  # free the forward-pass model before streaming the checkpoint
     config = read_config(source.folder)
     checkpoint = Checkpoint.open(source.folder, allow_pickle=settings.allow_pickle)
-    output = atomic_output(settings.out, overwrite=settings.overwrite, sources=[source.folder])
+    output = atomic_output(settings.out, overwrite=settings.overwrite, sources=sources_of(source))
     with output as tmp, FileHasher() as hasher:
-        plan = write_checkpoint(checkpoint, config, result.direction, tmp, settings.max_shard_bytes, hasher)
+        written = write_edit(OutputOptions.from_settings(settings), source, checkpoint, config, result.direction, tmp,
+                             hasher)
+        plan = written.plan
         (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
         # the written checkpoint is evaluated before provenance, so that the report is hashed and in the card
         report = evaluation.measure_edited(tmp, str(settings.out)) if evaluation is not None else None
-        record_output(tmp, source, checkpoint, plan, result.direction, settings=settings, result=result, hasher=hasher)
+        record_output(tmp, source, checkpoint, plan, result.direction, settings=settings, result=result, hasher=hasher,
+                      output_format=written.record)
     return EditResult(Path(settings.out).resolve(), result, len(plan.edits), report)

@@ -293,11 +293,13 @@ def build_provenance(
     result: DirectionResult | None = None,
     base_card: dict[str, Any] | None = None,
     hasher: FileHasher | None = None,
+    output_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The provenance record of a finished output folder `out` (every file but the record and card written).
 
     `hasher` may already hold the hashes of the source weights and the output shards (the streaming edit
-    starts them in the background); the remaining files are hashed here.
+    starts them in the background); the remaining files are hashed here. `output_format` describes a
+    GGUF or adapter output (key `format`; absent for safetensors checkpoints).
     """
     requested = settings.revision if settings is not None else None
     names = output_files(out)
@@ -319,6 +321,8 @@ def build_provenance(
         "output": {"files": output_record},
         "base_card": base_card or {},
     }
+    if output_format is not None:
+        record["format"] = output_format
     return record
 
 
@@ -357,6 +361,7 @@ def record_output(
     settings: Settings | None = None,
     result: DirectionResult | None = None,
     hasher: FileHasher | None = None,
+    output_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write provenance.json and the model card into the (temporary) output folder `out`."""
     from abliterate.card import read_base_card, write_card
@@ -364,7 +369,8 @@ def record_output(
     log.info("hashing the source and output files for abliterate/%s", PROVENANCE_FILE)
     base_card = read_base_card(source)
     record = build_provenance(
-        out, source, checkpoint, plan, direction, settings=settings, result=result, base_card=base_card, hasher=hasher
+        out, source, checkpoint, plan, direction, settings=settings, result=result, base_card=base_card, hasher=hasher,
+        output_format=output_format,
     )
     write_provenance(out, record)
     write_card(out, record)

@@ -136,8 +136,10 @@ def plan_upload(folder: Path, repo_id: str, *, public: bool = False, revision: s
     """Everything a push of `folder` would upload, and the model card it would write first."""
     folder = Path(folder).expanduser().resolve()
     check_repo_id(repo_id)
-    if not (folder / "config.json").is_file():
-        raise UsageError(f"{folder} is not a model folder (no config.json)", hint="push the --out folder of an edit")
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file() \
+            and not any(folder.glob("*.gguf")):
+        raise UsageError(f"{folder} is not a model folder (no config.json, adapter_config.json or .gguf file)",
+                         hint="push the --out folder of an edit")
     card = None
     if provenance_path(folder).is_file() and is_generated(folder / CARD_FILE):
         card = render_card(folder, read_provenance(folder), repo_id)

@@ -78,6 +78,22 @@ class Settings(BaseModel):
         None, description="Strings whose first tokens count as refusal openings (default: derived from --lang)."
     )
     max_shard_size: str = Field("5GB", description="Largest output shard, e.g. 5GB or 500MB.")
+    format: Literal["safetensors", "gguf", "adapter"] = Field(
+        "safetensors",
+        description="Output: safetensors (a transformers checkpoint), gguf (OUT/NAME-abliterated.gguf from a .gguf "
+        "MODEL: untouched tensors copied as they are, edited ones re-quantized), or adapter (a rank-1 PEFT LoRA "
+        "adapter for MODEL); see docs/usage.md.",
+    )
+    gguf_edited_type: Literal["q8_0", "source", "f32", "f16", "bf16", "q5_1", "q5_0", "q4_1", "q4_0", "mxfp4"] = Field(
+        "q8_0",
+        description="--format gguf: the type of the edited tensors (source: the type they had; 4-bit types undo "
+        "part of the edit, see docs/usage.md).",
+    )
+    gguf_reproject: int = Field(
+        0, ge=0, le=16,
+        description="--format gguf: rounds of re-projecting the quantization error of each edited tensor "
+        "(W <- W - r r^T Q(W), quantized again), for low-bit --gguf-edited-type.",
+    )
     out: Path | None = Field(None, description="Output folder (or file, for `directions`).")
     overwrite: bool = Field(False, description="Replace an existing --out.")
     eval: bool = Field(True, description="Evaluate the base and edited model after the edit.")

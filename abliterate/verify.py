@@ -190,7 +190,17 @@ def verify(folder: Path) -> VerifyReport:
     """Check `folder` against its provenance; a VerifyError naming the first problem if any check fails."""
     folder = Path(folder).expanduser().resolve()
     record = read_provenance(folder)
-    n_tensors, worst, problems = check_tensors(folder, record)
+    kind = record.get("format", {}).get("kind")
+    if kind == "gguf":
+        from abliterate.gguf_verify import check_gguf_tensors
+
+        n_tensors, worst, problems = check_gguf_tensors(folder, record)
+    elif kind == "adapter":
+        from abliterate.adapter import check_adapter_tensors
+
+        n_tensors, worst, problems = check_adapter_tensors(folder, record)
+    else:
+        n_tensors, worst, problems = check_tensors(folder, record)
     n_files, file_problems = check_files(folder, record)
     problems += file_problems
     for problem in problems:
