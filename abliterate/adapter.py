@@ -58,14 +58,17 @@ class AdapterResult:
     plan: EditPlan
     modules: list[str]
     nbytes: int
+    embedding: bool = True  # the embedding's LoRA is included
 
     def summary(self) -> str:
-        return f"LoRA adapter (rank 1, {len(self.modules)} modules, {self.nbytes / 1e6:.2f} MB): {ADAPTER_WEIGHTS}"
+        without = "" if self.embedding else ", without the embedding"
+        return (f"LoRA adapter (rank 1, {len(self.modules)} modules{without}, {self.nbytes / 1e6:.2f} MB): "
+                f"{ADAPTER_WEIGHTS}")
 
     def record(self) -> dict[str, Any]:
         """The `format` section of provenance.json."""
         return {"kind": "adapter", "rank": 1, "lora_alpha": 1, "modules": self.modules, "bytes": self.nbytes,
-                "summary": self.summary()}
+                "embedding": self.embedding, "summary": self.summary()}
 
 
 def check_expressible(plan: EditPlan, checkpoint: Checkpoint) -> None:
@@ -142,20 +145,28 @@ def write_config(out: Path, base: str, modules: list[str]) -> None:
 
 
 def write_adapter(
-    source: ModelSource, checkpoint: Checkpoint, config: dict[str, object], direction: Direction, out: Path
+    source: ModelSource, checkpoint: Checkpoint, config: dict[str, object], direction: Direction, out: Path,
+    *, embedding: bool = True,
 ) -> AdapterResult:
-    """Write adapter_config.json, adapter_model.safetensors and the direction file into the folder `out`."""
+    """Write adapter_config.json, adapter_model.safetensors and the direction file into the folder `out`.
+
+    Without `embedding`, the embedding's LoRA is left out (the embedding stays unedited).
+    """
     from safetensors.torch import save_file
 
     plan = plan_edit(checkpoint, config, direction)
     check_expressible(plan, checkpoint)
     r = direction.vector.to(torch.float32)
-    all_factors = [factors(plan, checkpoint, name, r) for name in sorted(plan.edits)]
+    names = [n for n in sorted(plan.edits) if embedding or plan.edits[n][0] != "embedding"]
+    if not embedding:
+        log.warning("--no-adapter-embedding: the embedding is not edited; the adapter is a partial edit")
+    all_factors = [factors(plan, checkpoint, name, r) for name in names]
     modules = [f.module for f in all_factors]
     save_file(adapter_tensors(all_factors), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_WEIGHTS).chmod(0o644)  # safetensors creates it private; the rest of the folder is 0644
     write_config(out, source.spec, modules)
     direction.save(out / "abliterate" / DIRECTION_FILE)
-    result = AdapterResult(plan, modules, (out / ADAPTER_WEIGHTS).stat().st_size)
+    result = AdapterResult(plan, modules, (out / ADAPTER_WEIGHTS).stat().st_size, embedding)
     log.info("%s", result.summary())
     return result
 

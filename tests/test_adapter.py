@@ -128,3 +128,24 @@ def test_adapter_of_a_chat_model_keeps_no_tokenizer(tmp_path: Path) -> None:
     save_tokenizer(base)
     adapter = edit(base, tmp_path / "a", "adapter", direction())
     assert not list(adapter.glob("tokenizer*"))
+
+
+def test_without_the_embedding_is_the_edit_with_embedding_weight_zero(tmp_path: Path) -> None:
+    """--no-adapter-embedding (servers that reject embed_tokens LoRAs) = the partial edit leaving E alone."""
+    from peft import PeftModel
+
+    from abliterate.adapter import write_adapter
+    from abliterate.direction import AblationWeights
+
+    base = tmp_path / "base"
+    build("llama", base, tied=True)
+    d = direction()
+    (tmp_path / "a").mkdir()
+    source = resolve(str(base))
+    write_adapter(source, Checkpoint.open(base), read_config(base), d, tmp_path / "a", embedding=False)
+    partial = Direction(d.vector, layer=1, pos=-1, weights=AblationWeights(0.0, (1.0,) * 3, (1.0,) * 3))
+    edited = edit(base, tmp_path / "e", "safetensors", partial)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "a").eval()
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(edited).eval()(ids()).logits
+        assert float((model(ids()).logits - expected).abs().max()) < 1e-4
