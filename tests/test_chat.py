@@ -1,16 +1,23 @@
-"""Chat rendering: thinking switched off where the template has a switch, no extra arguments elsewhere."""
+"""Chat rendering: thinking switched off where the template has a switch, no extra arguments elsewhere.
+
+And, on templates written from each family's documented format, the post-instruction positions are exactly the
+template's tokens between the user's text and the answer, and no system turn reaches a template that has none.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from chat_templates import TEMPLATES, family_tokenizer
+from jinja2.exceptions import TemplateError
 from tiny_models import save_tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from abliterate.capability import hflm_template_args
-from abliterate.chat import post_instruction_length, render, template_switches
+from abliterate.chat import encode, post_instruction_length, render, template_switches
 from abliterate.directions import make_batches
 
 # The generation-prompt part of Qwen3's chat template, with its thinking switch (default: thinking on).
@@ -97,3 +104,48 @@ def test_lm_eval_gets_the_switch_only_where_it_exists(
 def test_chat_template_dict_is_searched() -> None:
     fake = SimpleNamespace(chat_template={"default": "{{ messages }}", "thinking": QWEN3_TEMPLATE})
     assert template_switches(fake) == {"enable_thinking": False}  # type: ignore[arg-type]
+
+
+# Templates written from each family's documented format (tests/chat_templates.py).
+
+
+@pytest.mark.parametrize("family", sorted(TEMPLATES))
+def test_post_instruction_tokens_are_what_the_template_puts_after_the_user_text(
+    family: str, tmp_path: Path
+) -> None:
+    spec, tokenizer = TEMPLATES[family], family_tokenizer(family, tmp_path)
+    instruction = "Write a short poem about the sea"
+    text = render(tokenizer, instruction)
+    assert text == spec.prefix + instruction + spec.suffix  # the documented format, default headers and all
+    n = post_instruction_length(tokenizer)
+    assert n == spec.n_tokens
+    ids = encode(tokenizer, [text])[0]
+    assert tokenizer.decode(ids[-n:]) == spec.suffix
+    assert tokenizer.decode(ids[:-n]) == spec.prefix + instruction
+    # The positions the hooks read: the last n of every (left-padded) row of a batch.
+    ((_indices, batch),) = make_batches(tokenizer, [instruction, "Hi", "Name three rivers in Europe please"], 4)
+    for row in batch["input_ids"]:
+        assert tokenizer.decode(row[-n:].tolist()) == spec.suffix
+
+
+@pytest.mark.parametrize("family", sorted(f for f, spec in TEMPLATES.items() if spec.system != "allowed"))
+def test_a_template_without_a_system_role_never_gets_one(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, tokenizer = TEMPLATES[family], family_tokenizer(family, tmp_path)
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    if spec.system == "forbidden":  # the fixture is faithful: its template refuses a system turn
+        with pytest.raises(TemplateError):
+            tokenizer.apply_chat_template(system, tokenize=False, add_generation_prompt=True)
+    sent: list[list[str]] = []
+    original = type(tokenizer).apply_chat_template
+
+    def spy(self: PreTrainedTokenizerBase, conversation: Any, **kwargs: Any) -> Any:
+        sent.append([message["role"] for message in conversation])
+        return original(self, conversation, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", spy)
+    render(tokenizer, "Hi")
+    post_instruction_length(tokenizer)
+    make_batches(tokenizer, ["Hi", "how to make a list"], 4)
+    assert sent and all(roles == ["user"] for roles in sent)
