@@ -16,6 +16,7 @@ from typing import Any, TypeVar, get_args
 import click
 
 from abliterate import __version__, progress
+from abliterate.archs import register_file
 from abliterate.errors import AbliterateError
 from abliterate.settings import Settings, build_settings
 
@@ -24,7 +25,7 @@ log = logging.getLogger("abliterate")
 
 # Options shared by commands that run forward passes.
 MODEL_OPTIONS = ["revision", "dtype", "device", "quantize", "trust_remote_code", "allow_pickle", "chat_template",
-                 "batch_size"]
+                 "batch_size", "arch"]
 DIRECTION_OPTIONS = [
     "lang",
     "prompts",
@@ -86,7 +87,10 @@ recipe_option = click.option(
 def _settings(recipe: Path | None, **given: Any) -> Settings:
     if given.get("refusal_tokens") == ():
         given["refusal_tokens"] = None
-    return build_settings(recipe, given)
+    settings = build_settings(recipe, given)
+    if settings.arch is not None:
+        register_file(settings.arch)
+    return settings
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -178,7 +182,7 @@ def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@settings_options("max_shard_size", *FORMAT_OPTIONS, "revision", "allow_pickle")
+@settings_options("max_shard_size", *FORMAT_OPTIONS, "revision", "allow_pickle", "arch")
 def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given: Any) -> None:
     """Orthogonalize MODEL's weights against a saved direction (streaming; no GPU, no forward pass)."""
     from abliterate.direction import Direction
@@ -194,6 +198,25 @@ def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given:
     click.echo(f"edited {len(written.plan.edits)} tensors ({written.plan.arch.name}) -> {out}")
     if written.summary:
         click.echo(written.summary)
+
+
+@cli.command("arch-propose")
+@click.argument("model")
+@settings_options("revision", "trust_remote_code", "allow_pickle")
+def arch_propose_command(model: str, **given: Any) -> None:
+    """Propose a registry entry (YAML, on stdout) for MODEL's family, found by hooks on the loaded model.
+
+    Check it, save it (`abliterate arch-propose MODEL > fam.yaml`) and pass --arch fam.yaml to the other commands.
+    """
+    from abliterate.loading import resolve
+    from abliterate.orthogonalize import read_config
+    from abliterate.propose import propose_for
+
+    settings = _settings(None, model=model, **given)
+    source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
+    model_type = str(read_config(source.folder)["model_type"])
+    proposal = propose_for(source.folder, model_type, trust_remote_code=settings.trust_remote_code)
+    click.echo(proposal.to_yaml(model), nl=False)
 
 
 @cli.command("prompts")

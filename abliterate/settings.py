@@ -48,6 +48,11 @@ class Settings(BaseModel):
     )
     allow_pickle: bool = Field(False, description="Allow pickle (.bin) checkpoints, which can run code when loaded.")
     chat_template: Path | None = Field(None, description="Jinja chat template file, for models that lack one.")
+    arch: Path | None = Field(
+        None,
+        description="Registry entry (YAML) for a family abliterate does not ship, e.g. one written by "
+        "`abliterate arch-propose MODEL > fam.yaml` (docs/architectures.md).",
+    )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         16,
         description="Prompts per forward pass, or auto: measured once after the model loads (on a GPU the largest "

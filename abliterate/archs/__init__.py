@@ -8,6 +8,9 @@ Hybrid and multimodal families need three more things, all in the YAML: several 
 (`attention: [self_attn, linear_attn]`: every one a layer has writes into the stream), a writer's hidden axis
 where the default rule does not hold (fused expert stacks stored [experts, in, hidden]), and `aliases`, the
 on-disk name prefixes that transformers renames on load (multimodal checkpoints saved by older versions).
+
+A family the registry lacks gets an entry proposed from the loaded model (`abliterate.propose`), which the user
+passes as `--arch FILE` (`register_file`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import re
 from collections.abc import Collection
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from abliterate.errors import ModelError
 
@@ -177,17 +181,46 @@ def _registry() -> dict[str, Architecture]:
     return table
 
 
+_USER: dict[str, Architecture] = {}
+
+
+def load_file(path: Path) -> Architecture:
+    """Read and check a user's entry (`--arch FILE`, e.g. one written by `abliterate arch-propose`)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return Architecture.model_validate(data)
+    except OSError as err:
+        raise ModelError(f"cannot read --arch file {path}: {err.strerror}", hint="check the path") from None
+    except (yaml.YAMLError, ValidationError) as err:
+        first = str(err).splitlines()[:3]
+        raise ModelError(
+            f"--arch file {path} is not a registry entry: {' '.join(line.strip() for line in first)}",
+            hint="fix the file; see docs/architectures.md for its fields",
+        ) from None
+
+
+def register_file(path: Path) -> Architecture:
+    """Use a user's entry for its `model_types`, ahead of the shipped files (for this process)."""
+    arch = load_file(path)
+    for model_type in arch.model_types:
+        _USER[model_type] = arch
+    return arch
+
+
 def supported_model_types() -> list[str]:
-    """Every `model_type` the registry knows, sorted."""
-    return sorted(_registry())
+    """Every `model_type` the registry knows (shipped files and registered user files), sorted."""
+    return sorted({*_registry(), *_USER})
 
 
 def lookup(model_type: str) -> Architecture:
-    """The architecture for a `config.model_type`; unknown families fail with the supported list."""
+    """The architecture for a `config.model_type`; unknown families fail with the way to propose one."""
+    if model_type in _USER:
+        return _USER[model_type]
     try:
         return _registry()[model_type]
     except KeyError:
         raise ModelError(
             f"unsupported model family {model_type!r}",
-            hint=f"supported: {', '.join(supported_model_types())}; to add one see docs/architectures.md",
+            hint="propose an entry with `abliterate arch-propose MODEL > fam.yaml`, check it, then pass "
+            f"--arch fam.yaml (docs/architectures.md); supported: {', '.join(supported_model_types())}",
         ) from None
