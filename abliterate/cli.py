@@ -42,7 +42,7 @@ DIRECTION_OPTIONS = [
     "refusal_tokens",
 ]
 # Options of the written output (`edit`, `apply`, `optimize --pick`).
-FORMAT_OPTIONS = ["format", "gguf_edited_type", "gguf_reproject"]
+FORMAT_OPTIONS = ["format", "gguf_edited_type", "gguf_reproject", "adapter_embedding"]
 # Options of the evaluation (`eval`, and `edit` unless --no-eval).
 EVAL_OPTIONS = ["langs", "judge", "harm_judge", "tasks", "limit", "max_new_tokens", "engine"]
 
@@ -100,12 +100,18 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
                        "optuna", "alembic", "bitsandbytes", "gguf", "peft")
     for noisy in (*noisy_libraries, "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    # Python warnings of the libraries (FutureWarning, DeprecationWarning, ...) become log records of
+    # `py.warnings`: shown with -vv only. abliterate's own code logs instead of warning.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR if verbose < 2 else logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
         if verbose < 2:
+            hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
+        else:
+            hf_logging.set_verbosity_info()
     except ImportError:
         pass
 
@@ -217,6 +223,56 @@ def arch_propose_command(model: str, **given: Any) -> None:
     model_type = str(read_config(source.folder)["model_type"])
     proposal = propose_for(source.folder, model_type, trust_remote_code=settings.trust_remote_code)
     click.echo(proposal.to_yaml(model), nl=False)
+
+
+@cli.command("chat")
+@click.argument("model", required=False)
+@recipe_option
+@settings_options("compare", "max_new_tokens", "chat_template", "revision", "dtype", "device", "quantize",
+                  "trust_remote_code", "allow_pickle")
+def chat_command(model: str | None, recipe: Path | None, **given: Any) -> None:
+    """Chat with MODEL in the terminal: its chat template, greedy answers streamed as they are generated.
+
+    With --compare BASE both models answer every turn (streamed to stderr) and stdout shows the two answers side
+    by side. Lines are read from stdin: /reset starts a new conversation, /quit or Ctrl-D ends.
+    """
+    import shutil
+
+    from abliterate.repl import QUIT, RESET, ChatModel, side_by_side
+
+    settings = _settings(recipe, model=model, **given)
+    models = [ChatModel.from_settings(spec, settings) for spec in (settings.model, settings.compare) if spec]
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(f"chatting with {' and '.join(m.name for m in models)}; {RESET} starts over, {QUIT[0]} ends")
+    while True:
+        if interactive:
+            click.echo("you> ", nl=False)
+        line = sys.stdin.readline()
+        text = line.strip()
+        if not line or text in QUIT:
+            break
+        if text == RESET:
+            for chat in models:
+                chat.reset()
+            click.echo("(new conversation)")
+        elif text and len(models) == 1:
+            for piece in models[0].stream(text, settings.max_new_tokens):
+                click.echo(piece, nl=False)
+            click.echo()
+        elif text:
+            answers = []
+            for chat in models:
+                click.echo(f"[{chat.name}] ", nl=False, err=True)
+                pieces = []
+                for piece in chat.stream(text, settings.max_new_tokens):
+                    pieces.append(piece)
+                    click.echo(piece, nl=False, err=True)
+                click.echo(err=True)
+                answers.append((chat.name, "".join(pieces)))
+            width = shutil.get_terminal_size((100, 24)).columns
+            for row in side_by_side(answers[0], answers[1], width):
+                click.echo(row)
 
 
 @cli.command("prompts")

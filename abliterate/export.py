@@ -35,11 +35,12 @@ class OutputOptions:
     format: str = "safetensors"
     max_shard_size: int = 5 * 10**9
     gguf: GgufOptions = field(default_factory=GgufOptions)
+    adapter_embedding: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutputOptions:
         return cls(settings.format, settings.max_shard_bytes,
-                   GgufOptions(settings.gguf_edited_type, settings.gguf_reproject))
+                   GgufOptions(settings.gguf_edited_type, settings.gguf_reproject), settings.adapter_embedding)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def gguf_path(spec: str) -> Path | None:
 
 def check_format(settings: Settings, *, evaluate: bool = False) -> None:
     """Cheap checks of --format and its options, before anything loads or downloads."""
+    if settings.format != "adapter" and not settings.adapter_embedding:
+        raise UsageError("--no-adapter-embedding applies only with --format adapter", hint="drop it")
     if settings.format == "safetensors":
         if settings.gguf_edited_type != "q8_0" or settings.gguf_reproject:
             raise UsageError("--gguf-edited-type and --gguf-reproject apply only with --format gguf",
@@ -96,7 +99,7 @@ def write_edit(
     if options.format == "adapter":
         from abliterate.adapter import write_adapter
 
-        adapter = write_adapter(source, checkpoint, config, direction, out)
+        adapter = write_adapter(source, checkpoint, config, direction, out, embedding=options.adapter_embedding)
         return Written(adapter.plan, adapter.record(), adapter.summary())
     return Written(write_checkpoint(checkpoint, config, direction, out, options.max_shard_size, hasher))
 

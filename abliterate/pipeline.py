@@ -28,6 +28,7 @@ from abliterate.errors import UsageError
 from abliterate.evaluate import EditEvaluation, EvalOptions, select_prompts
 from abliterate.export import OutputOptions, check_format, sources_of, write_edit
 from abliterate.hooks import ForwardCount, count_forwards
+from abliterate.hub import offline_unless_reachable
 from abliterate.loading import ModelSource, check_quantize, load_model, resolve
 from abliterate.orthogonalize import read_config
 from abliterate.output import atomic_output, check_output
@@ -149,10 +150,23 @@ def resolve_batch_size(settings: Settings, loaded: LoadedModel, extra: Sequence[
     return settings.model_copy(update={"batch_size": size})
 
 
-def check_layer_choice(settings: Settings, n_layers: int, n_pos: int) -> None:
-    if settings.layer is not None and settings.layer >= n_layers:
+def rounded(value: float | None) -> str:
+    """A score for a log line: 3 significant digits (n/a when not scored)."""
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def config_layers(config: dict[str, object]) -> int | None:
+    """The decoder layer count a config.json states (its own, or its text model's), if it states one."""
+    text = config.get("text_config")
+    value = config.get("num_hidden_layers") or (text.get("num_hidden_layers") if isinstance(text, dict) else None)
+    return int(value) if isinstance(value, int) else None
+
+
+def check_layer_choice(settings: Settings, n_layers: int | None, n_pos: int | None) -> None:
+    """--layer and --pos within the model's range (each check only where the count is known)."""
+    if settings.layer is not None and n_layers is not None and settings.layer >= n_layers:
         raise UsageError(f"--layer {settings.layer} is out of range", hint=f"this model has layers 0..{n_layers - 1}")
-    if settings.pos is not None and settings.pos < -n_pos:
+    if settings.pos is not None and n_pos is not None and settings.pos < -n_pos:
         raise UsageError(f"--pos {settings.pos} is out of range", hint=f"this chat template has positions -{n_pos}..-1")
 
 
@@ -331,9 +345,9 @@ def find_direction(settings: Settings, loaded: LoadedModel, *, grouped_screening
         "chosen direction: layer %d, pos %d (refusal %s, induce %s, KL %s)",
         best.layer,
         best.pos,
-        best.refusal,
-        best.induce,
-        best.kl,
+        rounded(best.refusal),
+        rounded(best.induce),
+        rounded(best.kl),
     )
     batch_size = fixed_batch_size(settings.batch_size)
     return DirectionResult(direction, best, scores, candidates, n_pos, filtered, splits, passes, batch_size)
@@ -379,11 +393,15 @@ def run_edit(settings: Settings) -> EditResult:
     check_format(settings, evaluate=settings.eval)
     if settings.eval:
         check_engine(settings.engine, settings.quantize)  # vLLM and a GPU, before any model is loaded
-    resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL first
+    source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL
+    check_output(settings.out, overwrite=settings.overwrite, sources=sources_of(source))
+    check_layer_choice(settings, config_layers(read_config(source.folder)), None)  # before loading the model
     loaded = load(settings)
-    check_output(settings.out, overwrite=settings.overwrite, sources=sources_of(loaded.source))
+    check_layer_choice(settings, loaded.n_layers, post_instruction_length(loaded.tokenizer))
     settings = resolve_batch_size(settings, loaded, evaluation_texts(settings) if settings.eval else ())
     assert settings.out is not None  # checked above; resolving the batch size keeps it
+    if settings.eval:
+        offline_unless_reachable()  # one quick check, not a minute of retries per dataset
     evaluation = EditEvaluation.prepare(settings) if settings.eval else None  # fails fast (tasks, prompts, judge)
     result = find_direction(settings, loaded)
     if evaluation is not None:

@@ -94,6 +94,15 @@ class Settings(BaseModel):
         description="--format gguf: the type of the edited tensors (source: the type they had; 4-bit types undo "
         "part of the edit, see docs/usage.md).",
     )
+    compare: str | None = Field(
+        None, description="chat: a second model (hub id, folder or .gguf; e.g. the unedited base) answering every "
+        "turn, shown beside MODEL's answer.",
+    )
+    adapter_embedding: bool = Field(
+        True,
+        description="--format adapter: include the embedding's LoRA (off for servers that reject embed_tokens "
+        "adapters; the embedding then stays unedited, see docs/usage.md).",
+    )
     gguf_reproject: int = Field(
         0, ge=0, le=16,
         description="--format gguf: rounds of re-projecting the quantization error of each edited tensor "
