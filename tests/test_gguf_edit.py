@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_cli import assert_one_line_error, run
+from test_cli import FAST, assert_one_line_error, run
 from tiny_gguf import write_tiny_gguf
 from transformers import AutoModelForCausalLM
 
@@ -197,6 +197,20 @@ def test_verify_catches_an_unedited_tensor(sources: dict[str, Path], direction_f
     write_provenance(out, record)  # hashes made to match: only the orthogonality check can fail
     with pytest.raises(VerifyError, match=f"{name}.*not orthogonal"):
         verify(out)
+
+
+def test_edit_searches_then_writes_gguf(sources: dict[str, Path], tmp_path: Path) -> None:
+    """`edit X.gguf --format gguf`: the direction found on the dequantized model, the edit written as GGUF."""
+    out = tmp_path / "out"
+    done = run("edit", sources["llama"], "--out", out, "--format", "gguf", "--layer", "1", "--pos", "-1", *FAST,
+               check=True)
+    assert "direction: layer 1, position -1" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "abliterate", "tiny-llama-abliterated.gguf"]
+    record = read_provenance(out)
+    assert record["settings"]["format"] == "gguf" and record["format"]["edited_type"] == "q8_0"
+    assert (out / "abliterate" / "candidates.json").is_file() and "Format" in (out / "README.md").read_text()
+    assert "OK" in run("verify", out, check=True).stdout
+    assert "tiny-llama-abliterated.gguf" in run("push", out, "me/tiny-gguf", "--dry-run", check=True).stdout
 
 
 class TestBadInput:

@@ -149,3 +149,27 @@ def write_tiny_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_like(template: Path, model: PreTrainedModel, family: str, path: Path) -> Path:
+    """`model`'s weights in the layout of the GGUF file `template`: its metadata (tokenizer, chat template), its
+    tensor names and each tensor's type (quantized with gguf's quantizer). For a fine-tune of the template's
+    model (the organism is SmolLM2 safety-tuned), this is the file llama.cpp's converter would have written."""
+    reader = gguf.GGUFReader(template)
+    arrays = _gguf_tensors(model, family)
+    writer = gguf.GGUFWriter(path, str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key == "general.architecture" or key.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        array = arrays[tensor.name]
+        data = array if tensor.tensor_type == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(
+            array, tensor.tensor_type)
+        writer.add_tensor(tensor.name, np.ascontiguousarray(data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
