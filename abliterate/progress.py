@@ -35,13 +35,15 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
 
 
 def _tenths(items: Iterable[T], desc: str, total: int, unit: str) -> Iterator[T]:
-    """`items`, logging "desc: done/total unit (p%), s" as each tenth completes, once QUIET_SECONDS have passed."""
+    """`items`, logging "desc: done/total unit (p%), s" when a new tenth is reached (one line per item at most),
+    once QUIET_SECONDS have passed."""
     start = time.monotonic()
-    tenth = 1
+    reached = 0
     for done, item in enumerate(items, 1):
         yield item
-        elapsed = time.monotonic() - start
-        while tenth <= 10 and done * 10 >= tenth * total:
+        tenth = done * 10 // total
+        if tenth > reached:
+            reached = tenth
+            elapsed = time.monotonic() - start
             if elapsed >= QUIET_SECONDS:
-                log.info("%s: %d/%d %s (%d%%), %.0f s", desc, done, total, unit, tenth * 10, elapsed)
-            tenth += 1
+                log.info("%s: %d/%d %s (%d%%), %.0f s", desc, done, total, unit, done * 100 // total, elapsed)
