@@ -109,7 +109,7 @@ def _u_dot(matrix: torch.Tensor, u: torch.Tensor, axis: int) -> torch.Tensor:
 def factors(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> Factors:
     """B and A of one edited matrix (float32)."""
     component, layer = plan.edits[name]
-    u = direction_for(plan, checkpoint, component, layer, r).to(torch.float32)
+    u = direction_for(plan, checkpoint, component, layer, r, name).to(torch.float32)
     weight = plan.weight(component, layer)
     matrix = checkpoint.view(name)
     axis = plan.arch.hidden_axis(name, matrix.dim())

@@ -292,7 +292,7 @@ def edit_tensor(
     hf_name, hf_ndim = target.hf_names[0], source.dim() - stacked
     axis = plan.arch.hidden_axis(hf_name, hf_ndim) + stacked
     rescale = plan.norm_preserving and not plan.arch.is_bias(hf_name, hf_ndim)
-    u = direction_for(plan, checkpoint, target.component, target.layer, r)
+    u = direction_for(plan, checkpoint, target.component, target.layer, r, hf_name)
     weight = plan.weight(target.component, target.layer)
     try:
         edited = project_out(source, u, axis, rescale=rescale, weight=weight)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -162,9 +162,18 @@ def _restore_norms(chunk: torch.Tensor, norms: torch.Tensor, axis: int) -> None:
     chunk.mul_(scale.unsqueeze(axis))
 
 
-def post_norm_direction(direction: torch.Tensor, norm_weight: torch.Tensor, offset: float) -> torch.Tensor:
-    """u = normalize(r * (offset + w)): orthogonal to u before an RMSNorm means orthogonal to r after it."""
-    mapped = direction * (offset + norm_weight.to(torch.float32))
+def post_norm_direction(
+    direction: torch.Tensor, norm_weight: torch.Tensor | Sequence[torch.Tensor], offset: float
+) -> torch.Tensor:
+    """u = normalize(r * (offset + w)): orthogonal to u before an RMSNorm means orthogonal to r after it.
+
+    For a chain of norms (one weight per norm), u = normalize(r * prod(offset + w)): each RMSNorm scales its
+    input by a positive number and then by its gain, so the gains multiply.
+    """
+    weights = [norm_weight] if isinstance(norm_weight, torch.Tensor) else list(norm_weight)
+    mapped = direction.to(torch.float32)
+    for weight in weights:
+        mapped = mapped * (offset + weight.to(torch.float32))
     return mapped / mapped.norm()
 
 
@@ -239,15 +248,24 @@ def make_plan(
 
 
 def direction_for(
-    plan: EditPlan, checkpoint: Checkpoint, component: Component, layer: int, r: torch.Tensor
+    plan: EditPlan, checkpoint: Checkpoint, component: Component, layer: int, r: torch.Tensor, name: str | None = None
 ) -> torch.Tensor:
-    norm_name = plan.arch.post_norm_tensor(layer, component)
-    if norm_name is None:
+    """The vector the writer `name` (of `component` in `layer`) is edited against: r, or through its post-norms.
+
+    Without `name`, the component's post-norm. An optional norm of a chain (a variant's) is skipped where the
+    checkpoint lacks it; any other missing norm is an error.
+    """
+    norm_names = plan.arch.post_norm_tensors(layer, component, name)
+    if not norm_names:
         return r
-    norm_name = plan.arch.on_disk(norm_name, checkpoint.tensors) or norm_name
-    if norm_name not in checkpoint.tensors:
-        raise CheckpointError(f"post-norm tensor {norm_name!r} is missing", hint="the checkpoint is incomplete")
-    return post_norm_direction(r, checkpoint.get(norm_name), plan.arch.norm_offset)
+    weights = []
+    for norm_name, optional in norm_names:
+        found = plan.arch.on_disk(norm_name, checkpoint.tensors)
+        if found is None and not optional:
+            raise CheckpointError(f"post-norm tensor {norm_name!r} is missing", hint="the checkpoint is incomplete")
+        if found is not None:
+            weights.append(checkpoint.get(found))
+    return post_norm_direction(r, weights, plan.arch.norm_offset)
 
 
 def edited_blocks(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -256,7 +274,7 @@ def edited_blocks(plan: EditPlan, checkpoint: Checkpoint, name: str, r: torch.Te
     The source tensor is read through a memory map (no copy); only a float32 block at a time is allocated.
     """
     component, layer = plan.edits[name]
-    direction = direction_for(plan, checkpoint, component, layer, r)
+    direction = direction_for(plan, checkpoint, component, layer, r, name)
     tensor = checkpoint.view(name)
     try:
         axis = plan.arch.hidden_axis(name, tensor.dim())

@@ -109,23 +109,47 @@ def leak(tensor: torch.Tensor, u: torch.Tensor, axis: int) -> Leak:
     return Leak(math.sqrt(dot / norm), tolerance)
 
 
+def _norms_after(arch: Architecture, component: Component, tensor: str | None) -> list[tuple[str, bool]]:
+    """(module, optional) of the norms between a writer and the stream, innermost first, read off the entry."""
+    entry = None if tensor is None else arch.writer(tensor)
+    own = None if entry is None or entry[0] != component else entry[2].post_norms
+    if own is not None:
+        return [(n, False) if isinstance(n, str) else (n.module, n.optional) for n in own]
+    if arch.post_norms is None or component == "embedding":
+        return []
+    return [(arch.post_norms.attention if component == "attention" else arch.post_norms.mlp, False)]
+
+
 def expected_direction(
-    checkpoint: Checkpoint, arch: Architecture, component: Component, layer: int, r: torch.Tensor
+    checkpoint: Checkpoint,
+    arch: Architecture,
+    component: Component,
+    layer: int,
+    r: torch.Tensor,
+    tensor: str | None = None,
 ) -> torch.Tensor:
     """The unit vector a correct edit made this writer orthogonal to, derived here from the norm weights on disk.
 
     Deliberately not the edit code's own function: r itself, or for a post-norm family (gain offset + g, with g
     read from the norm that follows this writer) u = r * (offset + g) / |r * (offset + g)|, since
-    norm(W x) . r = (r * (offset + g)) . W x / rms. An edit against any other vector fails the check.
+    norm(W x) . r = (r * (offset + g)) . W x / rms. Behind a chain of norms (Gemma 4's MoE: an inner norm per
+    summand, then one on the sum), the gains multiply: u ~ r * prod(offset + g). An edit against any other
+    vector fails the check.
     """
-    if arch.post_norms is None or component == "embedding":
+    norms = [] if component == "embedding" else _norms_after(arch, component, tensor)
+    if not norms:
         return r
-    norm_module = arch.post_norms.attention if component == "attention" else arch.post_norms.mlp
-    name = f"{arch.layers}.{layer}.{norm_module}.weight"
-    name = arch.on_disk(name, checkpoint.tensors) or name
-    if name not in checkpoint.tensors:
-        raise VerifyError(f"the norm {name!r} after a residual writer is missing", hint="the checkpoint is incomplete")
-    mapped = r.to(torch.float64) * (arch.norm_offset + checkpoint.get(name).to(torch.float64))
+    mapped = r.to(torch.float64)
+    for module, optional in norms:
+        name = f"{arch.layers}.{layer}.{module}.weight"
+        name = arch.on_disk(name, checkpoint.tensors) or name
+        if name not in checkpoint.tensors:
+            if optional:
+                continue
+            raise VerifyError(
+                f"the norm {name!r} after a residual writer is missing", hint="the checkpoint is incomplete"
+            )
+        mapped = mapped * (arch.norm_offset + checkpoint.get(name).to(torch.float64))
     return (mapped / mapped.norm()).to(torch.float32)
 
 
@@ -167,7 +191,7 @@ def check_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, lis
             continue
         tensor = checkpoint.get(name)
         try:
-            u = expected_direction(checkpoint, plan.arch, component, layer, r)
+            u = expected_direction(checkpoint, plan.arch, component, layer, r, name)
         except VerifyError as err:
             problems.append(str(err))
             continue

@@ -130,14 +130,14 @@ MUTATIONS = [
     Mutation(
         "Gemma 2 post-norms swapped in the edit",
         "abliterate/orthogonalize.py",
-        "norm_name = plan.arch.post_norm_tensor(layer, component)",
-        'norm_name = plan.arch.post_norm_tensor(layer, {"attention": "mlp", "mlp": "attention"}.get(component, component))',  # noqa: E501
+        "norm_names = plan.arch.post_norm_tensors(layer, component, name)",
+        'norm_names = plan.arch.post_norm_tensors(layer, {"attention": "mlp", "mlp": "attention"}.get(component, component), name)',  # noqa: E501
         (VERIFY_POST_NORM, EDIT),
     ),
     Mutation(
         "Gemma 2 post-norms ignored in the edit",
         "abliterate/orthogonalize.py",
-        "    if norm_name is None:\n        return r\n",
+        "    if not norm_names:\n        return r\n",
         "    if True:\n        return r\n",
         (VERIFY_POST_NORM, EDIT),
     ),

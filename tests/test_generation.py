@@ -37,7 +37,7 @@ def _until_stop(row: list[int], stops: set[int]) -> list[int]:
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_rows_leave_the_batch_and_tokens_match_generate(family: str, tmp_path: Path) -> None:
     model = build(family, tmp_path / family, tied=False).eval()
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = _batch(model.config.get_text_config().vocab_size)  # multimodal configs nest it
     with torch.inference_mode():
         free = greedy_rows(model, ids, mask, NEW_TOKENS, [-1])  # no stop: every row runs to the end
         assert free is not None and all(len(row) == NEW_TOKENS for row in free)

@@ -72,6 +72,8 @@ EDITED_COUNTS = {
     "llama4": 1 + 3 + 1 + (1 + 1) + 1,  # o_proj x3; dense, MoE (shared + fused experts), dense
     "deepseek_v3": 1 + 3 + 1 + 2 * (4 + 1),  # o_proj x3; dense layer 0, then 4 experts + shared
     "gemma3": 7, "mistral3": 7, "qwen3_5_moe": 1 + 3 * (1 + 4 + 1),
+    "gemma4_text": 1 + 3 * 3,  # o_proj, down_proj, per_layer_projection
+    "gemma4": 1 + 3 * 3,  # o_proj, the dense MLP's down_proj, the fused experts' down_proj
 }
 
 
@@ -90,8 +92,10 @@ def test_untouched_tensors_are_byte_identical(tmp_path: Path, family: str) -> No
     embedding = arch.on_disk(arch.embedding_tensor, source.tensors)
     assert embedding is not None
     assert b"".join(result.iter_raw(arch.lm_head_tensor)) == b"".join(source.iter_raw(embedding))
-    vision = [n for n in source.tensors if n.startswith(("vision_", "model.visual.", "multi_modal_projector."))]
-    assert bool(vision) == (family in {"gemma3", "mistral3", "llama4", "qwen3_5_moe"})  # copied, checked above
+    towers = ("vision_", "model.visual.", "multi_modal_projector.", "model.vision_tower.", "model.embed_vision.")
+    vision = [n for n in source.tensors if n.startswith(towers)]
+    # copied byte for byte (checked above)
+    assert bool(vision) == (family in {"gemma3", "mistral3", "llama4", "qwen3_5_moe", "gemma4"})
 
 
 def test_bfloat16_source_is_edited_in_float32_and_cast_back(tmp_path: Path) -> None:
@@ -221,7 +225,7 @@ def _check_norm_preserving(source_dir: Path, out: Path) -> None:
     plan = make_plan(source, read_config(source_dir), HIDDEN, norm_preserving=True)
     for name, (component, layer) in plan.edits.items():
         before, after = source.get(name), result.get(name)
-        u = direction_for(plan, source, component, layer, direction.vector)
+        u = direction_for(plan, source, component, layer, direction.vector, name)
         axis = plan.arch.hidden_axis(name, before.dim())
         coefficient = torch.tensordot(after, u, dims=([axis], [0]))
         assert float(coefficient.abs().max()) < 1e-5 * float(after.abs().max()), name
@@ -280,13 +284,21 @@ def test_norm_preserving_bfloat16_passes_verify(tmp_path: Path) -> None:
 # --- verify against an edit made with the wrong vector --------------------------------------------------------
 
 
-def _swapped(plan, checkpoint, component, layer, r):  # type: ignore[no-untyped-def]
+def _swapped(plan, checkpoint, component, layer, r, name=None):  # type: ignore[no-untyped-def]
     other = {"attention": "mlp", "mlp": "attention"}.get(component, component)
-    return _true_direction_for(plan, checkpoint, other, layer, r)
+    return _true_direction_for(plan, checkpoint, other, layer, r, name)
 
 
-def _ignored(plan, checkpoint, component, layer, r):  # type: ignore[no-untyped-def]
+def _ignored(plan, checkpoint, component, layer, r, name=None):  # type: ignore[no-untyped-def]
     return r
+
+
+def _outer_only(plan, checkpoint, component, layer, r, name=None):  # type: ignore[no-untyped-def]
+    """A chain of norms read as its outermost norm alone (Gemma 4's MoE inner norms forgotten)."""
+    norms = plan.arch.post_norm_tensors(layer, component, name)
+    if not norms:
+        return r
+    return post_norm_direction(r, checkpoint.get(norms[-1][0]), plan.arch.norm_offset)
 
 
 _true_direction_for = direction_for
@@ -309,3 +321,31 @@ def test_verify_fails_an_edit_against_the_wrong_vector(
     apply_direction(tmp_path / "source", Direction(r), tmp_path / "bad", max_shard_size=40_000)
     with pytest.raises(VerifyError, match="not orthogonal"):
         verify(tmp_path / "bad")
+
+
+def test_gemma4_chain_of_norms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 4 MoE: each summand is edited through its inner norm and the outer one (u ~ r * g_outer * g_inner).
+
+    Read as the outer norm alone, the edit leaves r in the stream and fails verify.
+    """
+    import abliterate.orthogonalize as ortho
+    from abliterate.errors import VerifyError
+
+    build("gemma4", tmp_path / "source")
+    source, r = Checkpoint.open(tmp_path / "source"), torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
+    plan = make_plan(source, read_config(tmp_path / "source"), HIDDEN)
+    layer = "model.language_model.layers.1."
+    gain = {n: source.get(f"{layer}post_feedforward_layernorm{n}.weight") for n in ("", "_1", "_2")}
+    for writer, inner in (("mlp.down_proj.weight", "_1"), ("experts.down_proj", "_2")):
+        expected = r * gain[""] * gain[inner]
+        u = direction_for(plan, source, "mlp", 1, r, layer + writer)
+        assert torch.allclose(u, expected / expected.norm(), atol=1e-6), writer
+    monkeypatch.setattr(ortho, "direction_for", _outer_only)
+    apply_direction(tmp_path / "source", Direction(r), tmp_path / "bad", max_shard_size=40_000)
+    with pytest.raises(VerifyError, match="not orthogonal"):
+        verify(tmp_path / "bad")
+    edited = load(tmp_path / "bad")
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hidden = edited(ids, output_hidden_states=True).hidden_states[2]
+    assert float(((hidden @ (r / r.norm())).abs() / hidden.norm(dim=-1)).max()) > 1e-3

@@ -51,10 +51,26 @@ def check_proposal(folder: Path, model_type: str, shipped: Architecture) -> Arch
     return proposed
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# Shipped entries `propose` does not reach: Gemma 4 (three writers per layer behind their own norms, and a
+# chain of two norms in the MoE variant) needs per-writer norm chains, which propose does not infer.
+HAND_WRITTEN = {"gemma4", "gemma4_text"}
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - HAND_WRITTEN))
 def test_proposal_matches_the_shipped_entry(tmp_path: Path, family: str) -> None:
     build(family, tmp_path / "m", tied=False)
     check_proposal(tmp_path / "m", family, lookup(family))
+
+
+@pytest.mark.parametrize("family", sorted(HAND_WRITTEN))
+def test_proposal_refuses_what_it_cannot_infer(tmp_path: Path, family: str) -> None:
+    """Rather than a wrong entry: a one-line error that says to write the entry by hand."""
+    from abliterate.errors import ModelError
+
+    build(family, tmp_path / "m", tied=False)
+    with pytest.raises(ModelError) as err:
+        propose(load(tmp_path / "m"), family, set(Checkpoint.open(tmp_path / "m").tensors))
+    assert err.value.hint is not None and "by hand" in err.value.hint
 
 
 UNREGISTERED = {  # families transformers ships and the registry lacks (tiny configs, BASE sizes)

@@ -30,6 +30,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": {},
     "gemma2": {},
     "gemma3_text": {},
+    # dense, with per-layer inputs (a third writer, per_layer_projection, behind post_per_layer_input_norm)
+    "gemma4_text": dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=128, global_head_dim=8),
     "phi3": {},
     "qwen2_moe": dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16
@@ -95,11 +97,18 @@ MULTIMODAL: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]
         {},
     ),
     "gemma3": ("Gemma3ForConditionalGeneration", {}, _SMALL_VISION, dict(mm_tokens_per_image=4)),
+    "gemma4": (  # MoE (dense MLP and fused experts, each behind its own norm, then a norm on their sum), no PLE
+        "Gemma4ForConditionalGeneration",
+        dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+             hidden_size_per_layer_input=0, global_head_dim=8),
+        dict(_SMALL_VISION, head_dim=8, global_head_dim=8),
+        {},
+    ),
     "mistral3": ("Mistral3ForConditionalGeneration", {}, dict(_SMALL_VISION, head_dim=8), dict(spatial_merge_size=1)),
 }
 FAMILIES.update({family: {} for family in MULTIMODAL})
 
-POST_NORM_FAMILIES = {"gemma2", "gemma3_text", "olmo2", "olmo3", "gemma3"}
+POST_NORM_FAMILIES = {"gemma2", "gemma3_text", "olmo2", "olmo3", "gemma3", "gemma4_text", "gemma4"}
 
 
 def _multimodal(model_type: str, kwargs: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:

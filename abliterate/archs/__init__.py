@@ -39,6 +39,14 @@ class PostNorms(BaseModel):
     mlp: str
 
 
+class PostNorm(BaseModel):
+    """One norm (module relative to a layer) between a writer and the residual stream, in a writer's chain."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    module: str
+    optional: bool = Field(False, description="only some variants of the family have it: used where its weight is")
+
+
 class Writer(BaseModel):
     """One on-disk tensor (relative to a layer) that writes into the residual stream, with its layout."""
 
@@ -46,6 +54,9 @@ class Writer(BaseModel):
     tensor: str = Field(description="tensor name relative to one layer; `*` matches an expert index")
     hidden_axis: int | None = Field(None, description="axis indexing the residual stream (default: the rule)")
     bias: bool = Field(False, description="a bias (one vector per expert): projected, never rescaled")
+    post_norms: tuple[str | PostNorm, ...] | None = Field(
+        None, description="norms between this tensor's output and the stream, innermost first (default: post_norms)"
+    )
 
 
 def default_hidden_axis(component: Component, ndim: int) -> int:
@@ -90,10 +101,49 @@ class Architecture(BaseModel):
         return [self.mlp] if isinstance(self.mlp, str) else list(self.mlp)
 
     def modules(self, component: Literal["attention", "mlp"]) -> list[str]:
-        """The per-layer modules whose outputs `component` adds to the stream (post-norms where there are)."""
-        if self.post_norms is not None:
-            return [getattr(self.post_norms, component)]
+        """The per-layer modules whose outputs `component` adds to the stream (post-norms where there are).
+
+        With post-norms: the outermost norm of every writer's chain (e.g. Gemma 4's MLP, MoE and per-layer
+        input all end in a norm whose output is added), each once.
+        """
+        chains = [self.norm_chain(spec, component) for spec in self.writer_entries(component)]
+        outer = [chain[-1].module for chain in chains if chain]
+        if outer:
+            return list(dict.fromkeys(outer))
         return self.attention_modules if component == "attention" else self.mlp_modules
+
+    def writer_entries(self, component: Literal["attention", "mlp"]) -> list[Writer]:
+        """The writer entries of `component`, plain tensor names read as `Writer`s."""
+        return [Writer(tensor=e) if isinstance(e, str) else e for e in self.writers.get(component, [])]
+
+    def norm_chain(self, spec: Writer, component: Component | None = None) -> list[PostNorm]:
+        """The norms between a writer's output and the stream, innermost first: its own, else the component's."""
+        if spec.post_norms is not None:
+            return [PostNorm(module=n) if isinstance(n, str) else n for n in spec.post_norms]
+        found = component or self._component_of(spec)
+        if self.post_norms is None or found is None or found == "embedding":
+            return []
+        return [PostNorm(module=getattr(self.post_norms, found))]
+
+    def _component_of(self, spec: Writer) -> Literal["attention", "mlp"] | None:
+        for component in ("attention", "mlp"):
+            if spec in self.writer_entries(component):
+                return component
+        return None
+
+    def post_norm_tensors(self, layer: int, component: Component, tensor: str | None = None) -> list[tuple[str, bool]]:
+        """(norm weight name, optional) per norm between a writer and the stream, innermost first (in-memory names).
+
+        `tensor` (on-disk name of the writer) picks its own chain; without it, or for a tensor that is not one
+        of `component`'s writers, the component's post-norm (if any).
+        """
+        if component == "embedding":
+            return []
+        spec = Writer(tensor="")
+        found = None if tensor is None else self.writer(tensor)
+        if found is not None and found[0] == component:
+            spec = found[2]
+        return [(f"{self.layers}.{layer}.{n.module}.weight", n.optional) for n in self.norm_chain(spec, component)]
 
     def canonical(self, tensor_name: str) -> str:
         """An on-disk tensor name in the in-memory naming (the first matching alias prefix replaced)."""
