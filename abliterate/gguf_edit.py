@@ -41,7 +41,7 @@ from abliterate.checkpoint import Checkpoint
 from abliterate.direction import DIRECTION_FILE, Direction
 from abliterate.errors import CheckpointError, UsageError
 from abliterate.loading import ModelSource
-from abliterate.orthogonalize import EditPlan, direction_for, plan_edit, project_out
+from abliterate.orthogonalize import EditPlan, direction_for, plan_edit, project_out, projected_blocks
 from abliterate.output import ensure_free_space
 
 log = logging.getLogger(__name__)
@@ -278,36 +278,63 @@ def out_type(tensor: Any, options: GgufOptions, shape: tuple[int, ...]) -> str:
     return wanted
 
 
-def _along(values: torch.Tensor, u: torch.Tensor, axis: int) -> float:
-    """|u^T W|^2 along `axis`, in float64."""
-    return float(torch.tensordot(values.to(torch.float64), u.to(torch.float64), dims=([axis], [0])).pow(2).sum())
+def _stats(values: torch.Tensor, u: torch.Tensor, axis: int) -> tuple[float, float]:
+    """(|u^T W|^2 along `axis`, |W|^2), without a copy of the tensor (the products are small)."""
+    along = torch.tensordot(values, u, dims=([axis], [0])).to(torch.float64).pow(2).sum()
+    return float(along), float(torch.linalg.vector_norm(values).to(torch.float64) ** 2)
+
+
+def _rows(values: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Blocks of whole rows (last axis) of `values`, about 16M values each."""
+    flat = values.reshape(-1, values.shape[-1]) if values.dim() > 1 else values.reshape(1, -1)
+    step = max(1, (1 << 24) // max(flat.shape[1], 1))
+    for start in range(0, flat.shape[0], step):
+        yield flat[start : start + step]
+
+
+def _written(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The values a GGUF reader gets back from `data` (the raw bytes of a tensor of `shape` in `type_name`)."""
+    import gguf
+
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    values = gguf.quants.dequantize(data.reshape(rows, -1), gguf.GGMLQuantizationType[type_name])
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape))
 
 
 def edit_tensor(
     tensor: Any, target: Target, plan: EditPlan, checkpoint: Checkpoint, r: torch.Tensor, type_name: str, rounds: int
 ) -> tuple[np.ndarray, EditedTensor]:
-    """One GGUF tensor edited in float32 (orthogonalize's math) and quantized to `type_name`: (bytes, stats)."""
+    """One GGUF tensor edited in float32 (orthogonalize's math) and quantized to `type_name`: (bytes, stats).
+
+    Memory: the dequantized source (float32) and the output bytes; the edit comes in blocks of rows from
+    `projected_blocks` and is quantized block by block (GGUF types quantize each row on its own). Re-projection
+    rounds need the whole edited tensor once more.
+    """
     source = dequantized(tensor)
+    shape = tuple(source.shape)
     stacked = int(len(target.hf_names) > 1)  # per-expert checkpoint matrices stacked into one GGUF tensor
     hf_name, hf_ndim = target.hf_names[0], source.dim() - stacked
     axis = plan.arch.hidden_axis(hf_name, hf_ndim) + stacked
     rescale = plan.norm_preserving and not plan.arch.is_bias(hf_name, hf_ndim)
     u = direction_for(plan, checkpoint, target.component, target.layer, r, hf_name)
     weight = plan.weight(target.component, target.layer)
+    before, norm = _stats(source, u, axis)
     try:
-        edited = project_out(source, u, axis, rescale=rescale, weight=weight)
+        if rounds and weight == 1.0 and type_name != "F32":
+            edited = project_out(source, u, axis, rescale=rescale)
+            for _ in range(rounds):  # push the quantization error's u-component back out, then quantize again
+                current = roundtrip(edited, type_name)
+                edited += project_out(current, u, axis) - current
+            blocks: Iterator[torch.Tensor] = _rows(edited)
+        else:
+            blocks = projected_blocks(source, u, axis, rescale=rescale, weight=weight)
+        data = np.concatenate([quantized(block, type_name) for block in blocks])
     except FloatingPointError:
         raise CheckpointError(f"tensor {tensor.name!r} holds NaN or Inf values",
                               hint="the source GGUF is damaged; download it again") from None
-    if weight == 1.0 and type_name != "F32":
-        for _ in range(rounds):  # push the quantization error's u-component back out, then quantize again
-            current = roundtrip(edited, type_name)
-            edited += project_out(current, u, axis) - current
-    data = quantized(edited, type_name)
-    written = roundtrip(edited, type_name) if type_name != "F32" else edited
-    stats = EditedTensor(tensor.name, tensor.tensor_type.name, type_name, _along(source, u, axis),
-                         _along(written, u, axis), float(source.to(torch.float64).pow(2).sum()))
-    return data, stats
+    del source
+    after, _ = _stats(_written(data, type_name, shape), u, axis)
+    return data, EditedTensor(tensor.name, tensor.tensor_type.name, type_name, before, after, norm)
 
 
 # --- the file ------------------------------------------------------------------------------------------
@@ -396,6 +423,13 @@ def _tensor_info(writer: Any, entry: _Entry) -> None:
                            gguf.GGMLQuantizationType[entry.type_name])
 
 
+def _entry_bytes(entry: _Entry) -> int:
+    """The bytes an output tensor takes (an edited one in its new type)."""
+    if entry.target is None:
+        return int(entry.tensor.n_bytes)
+    return _nbytes(entry.type_name, tuple(int(d) for d in reversed(entry.tensor.shape.tolist())))
+
+
 def _pad(fout: IO[bytes], alignment: int) -> None:
     fout.write(b"\0" * (-fout.tell() % alignment))
 
@@ -439,7 +473,7 @@ def write_gguf(
     _metadata(writer, reader, direction, source.gguf_file, options, len(targets))
     for entry in entries:
         _tensor_info(writer, entry)
-    ensure_free_space(out, sum(e.tensor.n_bytes for e in entries))
+    ensure_free_space(out, sum(_entry_bytes(entry) for entry in entries))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
