@@ -215,6 +215,13 @@ def gguf_targets(plan: EditPlan, reader: Any) -> dict[str, Target]:
                                   hint="the GGUF file and its converted checkpoint disagree")
         _, component, layer = entries[0]
         targets[target] = Target(target, component, layer, tuple(name for name, _, _ in entries))
+    missed = sorted(name for name in present if _WRITER_LIKE.match(name) and name not in targets)
+    if missed:  # e.g. a checkpoint naming its experts in a way the registry does not list
+        raise CheckpointError(
+            f"GGUF tensor {missed[0]} writes to the residual stream, but the edit planned on the converted "
+            f"checkpoint does not cover it ({len(missed)} such tensors)",
+            hint=f"the registry entry of {arch_name} misses this checkpoint's names; see docs/architectures.md",
+        )
     return targets
 
 
