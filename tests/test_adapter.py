@@ -149,3 +149,23 @@ def test_without_the_embedding_is_the_edit_with_embedding_weight_zero(tmp_path: 
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(edited).eval()(ids()).logits
         assert float((model(ids()).logits - expected).abs().max()) < 1e-4
+
+
+def test_verify_catches_a_b_that_is_not_the_direction(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from abliterate.errors import VerifyError
+    from abliterate.provenance import read_provenance, sha256_file, write_provenance
+
+    build("qwen2", tmp_path / "base")
+    adapter = edit(tmp_path / "base", tmp_path / "a", "adapter", direction())
+    weights = adapter / ADAPTER_WEIGHTS
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    tensors[key] = torch.randn_like(tensors[key])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    record = read_provenance(adapter)
+    record["output"]["files"][ADAPTER_WEIGHTS] = {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}
+    write_provenance(adapter, record)  # hashes made to match: only the tensor check can fail
+    with pytest.raises(VerifyError, match=r"down_proj\.lora_B\.weight is not a multiple of the direction"):
+        verify(adapter)
