@@ -13,8 +13,9 @@ Q4_0: amax/8; Q5_0: amax/16; Q4_1: range/15; Q5_1: range/31; MXFP4: amax/3, its 
 modelled as uniform: var e_i = s_i^2 / 12. Then E |u . e|^2 summed over the slices is sum_i u_i^2 s_i^2 / 12,
 and the leak must stay within 5 standard deviations of that (x sqrt 2 after re-projection rounds, whose final
 error is the difference of two rounds' errors). Measured on SmolLM2 (hidden 576): correct Q8_0 edits reach
-about 0.2x that tolerance and an unedited Q8_0 matrix exceeds it about 30-fold; for 4-bit types an unedited
-matrix is only a few times over, so a 4-bit check says little (docs/publish.md).
+0.2x (a random direction) to 0.64x (the organism's refusal direction) of that tolerance, and an unedited Q8_0
+matrix exceeds it about 30-fold; for 4-bit types an unedited matrix is only a few times over, so a 4-bit check
+says little (docs/publish.md).
 """
 
 from __future__ import annotations
