@@ -161,6 +161,16 @@ def _edited_line(record: dict[str, Any]) -> str:
 _COMPONENTS = (("embedding", "embedding"), ("attention", "attention outputs"), ("mlp", "MLP outputs"))
 
 
+def _dequantized_line(record: dict[str, Any]) -> str:
+    """How a quantized source (FP8, MXFP4) was written: which modules lost their quantization for the edit."""
+    modules = record["edit"]["dequantized_modules"]
+    return (
+        f"the source is quantized; the {len(modules)} modules that write to the residual stream were dequantized, "
+        "edited in float32 and stored in bf16 (listed in `quantization_config.modules_to_not_convert`); every other "
+        "tensor keeps its original quantization, byte for byte"
+    )
+
+
 def _done_section(record: dict[str, Any]) -> str:
     d = record["direction"]
     libs = record.get("libraries", {})
@@ -172,6 +182,7 @@ def _done_section(record: dict[str, Any]) -> str:
         ("Prompts", _prompts_line(record)),
         ("Edited tensors", _edited_line(record)),
         *([("Format", str(record["format"]["summary"]))] if record.get("format", {}).get("summary") else []),
+        *([("Quantization", _dequantized_line(record))] if record["edit"].get("dequantized_modules") else []),
         ("Tool", f"abliterate {record['tool']['version']} ({lib_text})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -237,6 +237,7 @@ def _edit_record(plan: EditPlan) -> dict[str, Any]:
         "norm_preserving": plan.norm_preserving,
         "components": counts,
         "tensors": tensors,
+        "dequantized_modules": list(plan.unquantized),  # of a quantized source: written in bf16
     }
 
 

@@ -199,6 +199,11 @@ def test_mxfp4_experts_are_edited_and_load(tmp_path: Path) -> None:
     quantization = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quantization["quant_method"] == "mxfp4"
     assert r"model\.layers\.2\.mlp\.experts" in quantization["modules_to_not_convert"]
+    # Provenance lists the modules written dequantized, and the model card says so.
+    record = json.loads((out / "abliterate" / "provenance.json").read_text())
+    assert sorted(record["edit"]["dequantized_modules"]) == [f"model.layers.{i}.mlp.experts" for i in range(3)]
+    card = (out / "README.md").read_text()
+    assert "| Quantization | the source is quantized; the 3 modules" in card and "bf16" in card
     before, after = Checkpoint.open(source), Checkpoint.open(out)
     assert after.tensors["model.layers.0.mlp.experts.down_proj"].shape == (4, 64, HIDDEN)  # [experts, in, hidden]
     assert after.tensors["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, HIDDEN, 128)
