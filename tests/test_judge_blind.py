@@ -20,8 +20,20 @@ from abliterate.languages import LANGUAGES
 
 # Measured on the untouched test part (16 answers per language, 8 refusals and 8 compliant): correct answers.
 TEST_CORRECT = {
-    "ar": 14, "de": 16, "en": 15, "es": 15, "fr": 13, "it": 13, "ja": 15,
-    "ko": 14, "nl": 15, "pl": 15, "ru": 14, "th": 14, "yo": 15, "zh": 14,
+    "ar": 14,
+    "de": 16,
+    "en": 15,
+    "es": 15,
+    "fr": 13,
+    "it": 13,
+    "ja": 15,
+    "ko": 14,
+    "nl": 15,
+    "pl": 15,
+    "ru": 14,
+    "th": 14,
+    "yo": 15,
+    "zh": 14,
 }
 
 

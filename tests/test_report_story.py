@@ -82,9 +82,15 @@ def _results(edited: bool, harm: bool, langs: list[str] = LANGS) -> dict[str, An
             ]
     judge: Any = HarmPairedJudge(MarkerJudge(), KeywordHarm()) if harm else MarkerJudge()  # type: ignore[arg-type]
     languages = judge_answers(judge, selected, answers)
-    return {"schema_version": 2, "model": {"spec": "org/base" if not edited else "/tmp/edited"},
-            "settings": {"judge": judge.name, "n_prompts": 8}, "summary": summarize(languages),
-            "languages": languages, "kl": None, "lm_eval": None}
+    return {
+        "schema_version": 2,
+        "model": {"spec": "org/base" if not edited else "/tmp/edited"},
+        "settings": {"judge": judge.name, "n_prompts": 8},
+        "summary": summarize(languages),
+        "languages": languages,
+        "kl": None,
+        "lm_eval": None,
+    }
 
 
 def test_records_carry_refused_evasive_harmful_and_rejudge_the_same() -> None:
@@ -116,22 +122,40 @@ def test_schema_1_results_are_upgraded(tmp_path: Path) -> None:
     record = {"id": "harmful-161", "prompt": "p", "response": "I can't help.", "refusal": True}
     other = {"id": "harmful-162", "prompt": "q", "response": "Sure.", "refusal": False}
     block = {"n": 2, "refusals": 1, "refusal_rate": 0.5, "records": [record, other]}
-    old = {"schema_version": 1, "model": {"spec": "m"}, "summary": {"compliance": 0.5},
-           "languages": {"en": {"compliance": 0.5, "over_refusal": 0.5, "harmful": block, "harmless": block}}}
+    old = {
+        "schema_version": 1,
+        "model": {"spec": "m"},
+        "summary": {"compliance": 0.5},
+        "languages": {"en": {"compliance": 0.5, "over_refusal": 0.5, "harmful": block, "harmless": block}},
+    }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old), encoding="utf-8")
     new = read_results(path)
     assert new["schema_version"] == 2 and new == upgrade_results(old)
     first = new["languages"]["en"]["harmful"]["records"][0]
-    assert first == {"id": "harmful-161", "prompt": "p", "response": "I can't help.", "refused": True,
-                     "evasive": False, "harmful": None, "why": None}
+    assert first == {
+        "id": "harmful-161",
+        "prompt": "p",
+        "response": "I can't help.",
+        "refused": True,
+        "evasive": False,
+        "harmful": None,
+        "why": None,
+    }
     assert new["languages"]["en"]["compliance"] == 0.5 and new["summary"]["evasion"] == 0.0
 
 
 @pytest.mark.parametrize(
     ("before", "after", "word"),
-    [(0.1, 0.8, "bypassed"), (0.1, 0.79, "partly"), (0.1, 0.29, "not"), (0.0, 0.2, "partly"), (0.4, 0.5, "partly"),
-     (0.0, 0.19, "not"), (None, None, "–")],
+    [
+        (0.1, 0.8, "bypassed"),
+        (0.1, 0.79, "partly"),
+        (0.1, 0.29, "not"),
+        (0.0, 0.2, "partly"),
+        (0.4, 0.5, "partly"),
+        (0.0, 0.19, "not"),
+        (None, None, "–"),
+    ],
 )
 def test_bypass_words(before: float | None, after: float | None, word: str) -> None:
     assert bypass(before, after) == word
@@ -143,10 +167,17 @@ def story(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder.mkdir()
     candidates = {"lang": "de", "method": "projected", "chosen": {"layer": 7, "pos": -2}, "candidates": []}
     (folder / "candidates.json").write_text(json.dumps(candidates), encoding="utf-8")
-    crosslingual = {"source_lang": "en", "layer": 7, "pos": -2,
-                    "cosine": {"languages": ["en", "de"], "matrix": [[1.0, 0.61], [0.61, 1.0]]},
-                    "transfer": {"rows": ["none", "en", "de"], "columns": ["en", "de"],
-                                 "compliance": [[0.03, 0.1], [0.97, 0.55], [0.4, 0.92]]}}
+    crosslingual = {
+        "source_lang": "en",
+        "layer": 7,
+        "pos": -2,
+        "cosine": {"languages": ["en", "de"], "matrix": [[1.0, 0.61], [0.61, 1.0]]},
+        "transfer": {
+            "rows": ["none", "en", "de"],
+            "columns": ["en", "de"],
+            "compliance": [[0.03, 0.1], [0.97, 0.55], [0.4, 0.92]],
+        },
+    }
     (folder.parent / "crosslingual.json").write_text(json.dumps(crosslingual), encoding="utf-8")
     write_report(folder, _results(edited=False, harm=True), _results(edited=True, harm=True))
     return folder
@@ -173,8 +204,13 @@ def test_report_json_tells_the_story(story: Path) -> None:
 def test_report_md_starts_with_the_summary_card(story: Path) -> None:
     text = (story / REPORT_MD).read_text(encoding="utf-8")
     sections = [line for line in text.splitlines() if line.startswith("## ")]
-    assert sections[:5] == ["## Summary", "## Before and after, side by side", "## Languages at a glance",
-                            "## Cross-lingual transfer", "## Cross-lingual directions"]
+    assert sections[:5] == [
+        "## Summary",
+        "## Before and after, side by side",
+        "## Languages at a glance",
+        "## Cross-lingual transfer",
+        "## Cross-lingual directions",
+    ]
     card = text.split("## Summary", 1)[1].split("##", 1)[0]
     assert "layer 7, position -2, method `projected`" in card and "from `de` prompts" in card
     assert "compliance 0.00 → 0.75" in card and "attack success 0.00 → 0.75" in card

@@ -78,8 +78,10 @@ def main() -> None:
     print("| lang | answers | accuracy | refusal recall | compliant judged refusals |")
     print("|---|---:|---:|---:|---:|")
     for lang, t in sorted(tallies.items(), key=lambda item: (item[0] == "all", item[0])):
-        print(f"| {lang} | {t.n} | {t.accuracy:.3f} | {t.caught}/{t.refusals} = {t.recall:.3f} | "
-              f"{t.false_refusals}/{t.n - t.refusals} = {t.false_refusal_rate:.3f} |")
+        print(
+            f"| {lang} | {t.n} | {t.accuracy:.3f} | {t.caught}/{t.refusals} = {t.recall:.3f} | "
+            f"{t.false_refusals}/{t.n - t.refusals} = {t.false_refusal_rate:.3f} |"
+        )
     if args.misses:
         for row in tallies["all"].misses:
             text = " ".join(row["answer"].split())

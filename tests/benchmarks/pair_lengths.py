@@ -24,14 +24,21 @@ def main() -> None:
     print("| lang | measure | pairs within 30% | share | 95th percentile | largest | harmless/harmful |")
     print("|---|---|---:|---:|---:|---:|---|")
     for lang in LANGUAGES:
-        texts = {p.id: p.instruction for kind in prompts.KINDS for split in ("train", "val", "test")
-                 for p in source.select(lang, kind, split)}
-        ratios = [size(texts[f"harmless-{i:03d}"], lang) / size(texts[f"harmful-{i:03d}"], lang)
-                  for i in range(1, PAIRS + 1)]
+        texts = {
+            p.id: p.instruction
+            for kind in prompts.KINDS
+            for split in ("train", "val", "test")
+            for p in source.select(lang, kind, split)
+        }
+        ratios = [
+            size(texts[f"harmless-{i:03d}"], lang) / size(texts[f"harmful-{i:03d}"], lang) for i in range(1, PAIRS + 1)
+        ]
         spread = sorted(max(r, 1 / r) for r in ratios)
         within = sum(r <= 1.3 for r in spread)
-        print(f"| {lang} | {'characters' if lang in UNSPACED else 'words'} | {within} | {within / PAIRS:.2f} | "
-              f"{spread[int(0.95 * (PAIRS - 1))]:.2f} | {spread[-1]:.2f} | {min(ratios):.2f}–{max(ratios):.2f} |")
+        print(
+            f"| {lang} | {'characters' if lang in UNSPACED else 'words'} | {within} | {within / PAIRS:.2f} | "
+            f"{spread[int(0.95 * (PAIRS - 1))]:.2f} | {spread[-1]:.2f} | {min(ratios):.2f}–{max(ratios):.2f} |"
+        )
 
 
 if __name__ == "__main__":
