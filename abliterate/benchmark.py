@@ -78,6 +78,14 @@ def _cut(row: list[int], stops: set[int]) -> tuple[list[int], bool]:
     return row, False
 
 
+def can_drop_rows(cache: object) -> bool:
+    """Whether every layer of a KV cache can drop batch rows (linear-attention and Mamba layers cannot)."""
+    if not hasattr(cache, "batch_select_indices"):
+        return False
+    layers = getattr(cache, "layers", None)
+    return layers is None or all(hasattr(layer, "batch_select_indices") for layer in layers)
+
+
 def greedy_rows(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stops: list[int]
 ) -> list[list[int]] | None:
@@ -97,7 +105,7 @@ def greedy_rows(
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
     cache, last = out.past_key_values, positions[:, -1]
-    if not hasattr(cache, "batch_select_indices"):
+    if not can_drop_rows(cache):
         return None
     ended = torch.zeros(len(alive), dtype=torch.bool, device=device)
     for step in range(max_new_tokens):

@@ -48,6 +48,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(  # MLA: q and kv through rank-16 projections; layer 0 dense, then 4 experts + shared
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1, n_group=1,
         topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+        num_key_value_heads=4,  # MLA has one key/value head per query head (padded batches fail otherwise)
     ),
     "qwen3_next": dict(  # gated DeltaNet, full attention, DeltaNet
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
