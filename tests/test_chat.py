@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from chat_templates import QWEN3 as QWEN3_TEMPLATE  # the generation-prompt part, with the thinking switch
 from chat_templates import TEMPLATES, family_tokenizer
 from jinja2.exceptions import TemplateError
 from tiny_models import save_tokenizer
@@ -19,16 +20,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from abliterate.capability import hflm_template_args
 from abliterate.chat import encode, post_instruction_length, render, template_switches
 from abliterate.directions import make_batches
-
-# The generation-prompt part of Qwen3's chat template, with its thinking switch (default: thinking on).
-QWEN3_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}"
-)
 
 
 @pytest.fixture(scope="module")
