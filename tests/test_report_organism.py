@@ -129,10 +129,13 @@ def test_report_has_kl_and_lm_eval_on_the_local_task(edited: dict[str, Any]) -> 
     per_lang = min(N_PROMPTS, -(-KL_PROMPTS // len(LANGS)))
     assert all(v["n"] == per_lang for v in kl["languages"].values()), kl["languages"]
     assert kl["n_prompts"] == len(LANGS) * per_lang
-    assert 0.0 <= kl["first_token"] < 1.0 and 0.0 <= kl["first_n_tokens"] < 1.0, kl
+    # measured on the organism (2026-12-07): first token 0.27, first 16 tokens 0.17
+    assert 0.0 <= kl["first_token"] < 0.35 and 0.0 <= kl["first_n_tokens"] < 0.25, kl
     for side in ("before", "after"):
         block = report[side]["lm_eval"]["results"]["abliterate_mini_mc"]
-        assert block["sample_len"] == MINI_LIMIT and 0.0 <= block["acc,none"] <= 1.0
+        assert block["sample_len"] == MINI_LIMIT and block["acc,none"] >= 0.375  # measured 0.50 before and after
+    accuracy = [report[side]["lm_eval"]["results"]["abliterate_mini_mc"]["acc,none"] for side in ("before", "after")]
+    assert abs(accuracy[1] - accuracy[0]) <= 1 / MINI_LIMIT  # the edit keeps capability: one question at most
     assert {r["metric"] for r in report["capability"]} == {"acc", "acc_norm"}
     assert all(r["delta"] is not None for r in report["capability"])
     markdown = (edited["out"] / "abliterate" / "report.md").read_text(encoding="utf-8")
@@ -173,13 +176,13 @@ def test_report_html_renders_in_a_headless_browser(edited: dict[str, Any]) -> No
     shot.unlink(missing_ok=True)
     done = subprocess.run(
         [browser, *CHROMIUM_FLAGS, f"--user-data-dir={edited['tmp'] / 'chromium-profile'}", f"--screenshot={shot}",
-         "--window-size=1200,2600", page.resolve().as_uri()],
+         "--window-size=1200,10000", page.resolve().as_uri()],  # the whole page: card, answers, plots
         capture_output=True, text=True, timeout=180, check=False,
     )
     assert shot.is_file(), done.stderr[-2000:]
     with image_module.open(shot) as picture:
         rgb = picture.convert("RGB")
-        assert rgb.size == (1200, 2600)
+        assert rgb.size == (1200, 10000)
         colours = rgb.getcolors(maxcolors=1 << 20) or []
     assert len(colours) >= 50, f"the screenshot looks blank: {len(colours)} colours"
     present = {c for _, c in colours}

@@ -66,4 +66,4 @@ def test_edit_gguf_end_to_end(tmp_path: Path) -> None:
             ablated_answer = base.generate(**ids, max_new_tokens=8, do_sample=False)
         generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert float((edited_logits - ablated_logits).abs().max()) < 1e-3  # float32 sums in another order
-    assert torch.equal(generated, ablated_answer) and generated.shape[1] == ids["input_ids"].shape[1] + 8
+    assert torch.equal(generated, ablated_answer) and generated.shape[1] > ids["input_ids"].shape[1]
