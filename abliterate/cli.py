@@ -16,8 +16,8 @@ from typing import Any, TypeVar, get_args
 import click
 
 from abliterate import __version__, progress
-from abliterate.archs import register_file
 from abliterate.errors import AbliterateError
+from abliterate.model.archs import register_file
 from abliterate.settings import Settings, build_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -144,7 +144,7 @@ def edit(
 
     MODEL is a hub id, a local folder or a .gguf file; it may also come from --recipe.
     """
-    from abliterate.pipeline import run_edit
+    from abliterate.commands.edit import run_edit
 
     settings = _settings(recipe, model=model, eval=eval_, **given)
     _check_push_options(push_to, public)
@@ -169,7 +169,7 @@ def edit(
 @settings_options(*DIRECTION_OPTIONS, *MODEL_OPTIONS)
 def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
     """Compute candidate directions for MODEL, select one, and save it (no weights are written)."""
-    from abliterate.pipeline import run_directions
+    from abliterate.commands.edit import run_directions
 
     settings = _settings(recipe, model=model, **given)
     result = run_directions(settings)
@@ -191,16 +191,17 @@ def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
 @settings_options("max_shard_size", *FORMAT_OPTIONS, "revision", "allow_pickle", "arch")
 def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given: Any) -> None:
     """Orthogonalize MODEL's weights against a saved direction (streaming; no GPU, no forward pass)."""
-    from abliterate.direction import Direction
-    from abliterate.export import OutputOptions, apply_edit, check_format
-    from abliterate.loading import resolve
+    from abliterate.direction.vector import Direction
+    from abliterate.edit.formats import OutputOptions, check_format
+    from abliterate.model.loading import resolve
+    from abliterate.publish.write_edited import write_edited
 
     settings = _settings(None, model=model, out=out, overwrite=overwrite, **given)
     check_format(settings)
     direction = Direction.load(direction_file)
     source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
-    written = apply_edit(source, direction, out, OutputOptions.from_settings(settings), overwrite=overwrite,
-                         allow_pickle=settings.allow_pickle)
+    written = write_edited(out, source, direction, OutputOptions.from_settings(settings), overwrite=overwrite,
+                           allow_pickle=settings.allow_pickle)
     click.echo(f"edited {len(written.plan.edits)} tensors ({written.plan.arch.name}) -> {out}")
     if written.summary:
         click.echo(written.summary)
@@ -214,9 +215,9 @@ def arch_propose_command(model: str, **given: Any) -> None:
 
     Check it, save it (`abliterate arch-propose MODEL > fam.yaml`) and pass --arch fam.yaml to the other commands.
     """
-    from abliterate.loading import resolve
-    from abliterate.orthogonalize import read_config
-    from abliterate.propose import propose_for
+    from abliterate.model.checkpoint import read_config
+    from abliterate.model.loading import resolve
+    from abliterate.model.propose import propose_for
 
     settings = _settings(None, model=model, **given)
     source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
@@ -238,7 +239,7 @@ def chat_command(model: str | None, recipe: Path | None, **given: Any) -> None:
     """
     import shutil
 
-    from abliterate.repl import QUIT, RESET, ChatModel, side_by_side
+    from abliterate.commands.repl import QUIT, RESET, ChatModel, side_by_side
 
     settings = _settings(recipe, model=model, **given)
     models = [ChatModel.from_settings(spec, settings) for spec in (settings.model, settings.compare) if spec]
@@ -289,10 +290,10 @@ def chat_command(model: str | None, recipe: Path | None, **given: Any) -> None:
 @click.option("--samples", default=3, show_default=True, help="Sample lines to show per kind.")
 def prompts_command(lang: str, source: str, samples: int) -> None:
     """Show the prompt counts per kind and split for a language, with a few samples."""
-    from abliterate import prompts
-    from abliterate.languages import check_language
+    from abliterate.prompts import sources
+    from abliterate.prompts.languages import check_language
 
-    click.echo(prompts.describe(prompts.load(source, default_lang=check_language(lang)), lang, samples))
+    click.echo(sources.describe(sources.load(source, default_lang=check_language(lang)), lang, samples))
 
 
 def _check_push_options(push_to: str | None, public: bool) -> None:
@@ -301,13 +302,13 @@ def _check_push_options(push_to: str | None, public: bool) -> None:
         if public:
             raise click.UsageError("--public only applies with --push-to")
         return
-    from abliterate.publish import check_ready
+    from abliterate.publish.hub import check_ready
 
     check_ready(push_to)
 
 
 def _push(folder: Path, repo_id: str, *, public: bool, revision: str | None = None, message: str | None = None) -> None:
-    from abliterate.publish import plan_upload, push
+    from abliterate.publish.hub import plan_upload, push
 
     plan = plan_upload(folder, repo_id, public=public, revision=revision)
     url = push(plan, message=message)
@@ -331,7 +332,7 @@ def push_command(
     if not dry_run:
         _push(folder, repo_id, public=public, revision=revision, message=message)
         return
-    from abliterate.publish import plan_upload
+    from abliterate.publish.hub import plan_upload
 
     plan = plan_upload(folder, repo_id, public=public, revision=revision)
     click.echo("dry run: nothing is uploaded and the hub is not contacted")
@@ -343,7 +344,7 @@ def push_command(
 @click.argument("folder", metavar="DIR", type=click.Path(path_type=Path, exists=True, file_okay=False))
 def verify_command(folder: Path) -> None:
     """Re-check DIR against abliterate/provenance.json: file hashes and orthogonality of every edited tensor."""
-    from abliterate.verify import verify
+    from abliterate.publish.verify import verify
 
     click.echo(verify(folder).summary())
 
@@ -362,7 +363,7 @@ def _echo_results(results: dict[str, Any]) -> None:
             f"KL vs base ({kl['n_prompts']} harmless prompts): first token {kl['first_token']:.4g}, "
             f"first {kl['tokens']} tokens {kl['first_n_tokens']:.4g}"
         )
-    from abliterate.capability import metrics
+    from abliterate.evaluation.capability import metrics
 
     for task, metric, value, _stderr in metrics(results.get("lm_eval")):
         click.echo(f"{task} {metric}: {value:.3f}")
@@ -408,7 +409,7 @@ def eval_command(
 
     Writes a results JSON (schema in docs/evaluation.md) with every prompt's answer and verdict.
     """
-    from abliterate.evaluate import run_eval
+    from abliterate.evaluation.evaluate import run_eval
 
     settings = _settings(recipe, model=model, out=out, **given)
     results = run_eval(settings, base, kl_tokens=kl_tokens, cache=cache)
@@ -422,8 +423,8 @@ def eval_command(
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Folder for the report.")
 def report_command(before: Path, after: Path, out: Path) -> None:
     """Build report.md, report.html, report.json and plots from two `eval` results files (BEFORE, AFTER)."""
-    from abliterate.evaluate import read_results
-    from abliterate.report import write_report
+    from abliterate.evaluation.report import write_report
+    from abliterate.evaluation.results import read_results
 
     report = write_report(out, read_results(before), read_results(after))
     _echo_report(report, out)
@@ -471,7 +472,7 @@ def crosslingual_command(
     cosines, a PCA of the activations, and a transfer matrix (compliance in each target language with each source
     language's direction ablated, plus an unablated baseline row).
     """
-    from abliterate.crosslingual import BASELINE, CrosslingualOptions, run_crosslingual
+    from abliterate.commands.crosslingual import BASELINE, CrosslingualOptions, run_crosslingual
 
     options = CrosslingualOptions.parse(langs, source_lang, direction_file, n_prompts, max_new_tokens, transfer, plots)
     settings = _settings(None, model=model, out=out, overwrite=overwrite, lang=options.source_lang, **given)
@@ -539,8 +540,8 @@ def optimize_command(
     Prints and writes the Pareto front, with the paper's default edit (trial 0) as the reference; --pick N
     --out DIR writes trial N's checkpoint. See docs/optimize.md.
     """
-    from abliterate.optimize import OptimizeOptions, run_optimize
-    from abliterate.pareto import table_lines, verdict_line
+    from abliterate.commands.optimize.pareto import table_lines, verdict_line
+    from abliterate.commands.optimize.study import OptimizeOptions, run_optimize
 
     settings = _settings(recipe, model=model, **given)
     options = OptimizeOptions.parse(
@@ -565,7 +566,7 @@ def optimize_command(
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def organism_command(out: Path | None, force: bool, overwrite: bool) -> None:
     """Build (or reuse) the model organism: SmolLM2-135M-Instruct safety-tuned to refuse (docs/organism.md)."""
-    from abliterate.organism import build_organism, copy_organism, read_info
+    from abliterate.commands.organism.train import build_organism, copy_organism, read_info
 
     folder = build_organism(force=force)
     if out is not None:
@@ -582,7 +583,7 @@ def organism_command(out: Path | None, force: bool, overwrite: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def demo_command(out: Path, overwrite: bool) -> None:
     """Build the model organism, abliterate it (--lang en) and measure refusal before and after."""
-    from abliterate.demo import run_demo
+    from abliterate.commands.organism.demo import run_demo
 
     result = run_demo(out, overwrite=overwrite)
     click.echo(f"organism (safety-tuned base): {result.organism}")

@@ -13,8 +13,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from abliterate.errors import UsageError
-from abliterate.languages import LANGUAGES, check_language, parse_languages
-from abliterate.shards import parse_size
+from abliterate.prompts.languages import LANGUAGES, check_language, parse_languages
+from abliterate.storage.shards import parse_size
 
 
 class Settings(BaseModel):

@@ -15,7 +15,7 @@ from tiny_models import save_tokenizer
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from abliterate.loading import ModelSource, load_tokenizer
+from abliterate.model.loading import ModelSource, load_tokenizer
 
 LLAMA31 = (
     "{{- bos_token }}"

@@ -15,15 +15,15 @@ from test_cli import assert_one_line_error, run
 from tiny_models import FAMILIES, build, save_tokenizer
 from transformers import AutoModelForCausalLM
 
-from abliterate.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from abliterate.archs import lookup
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
+from abliterate.direction.vector import Direction
+from abliterate.edit.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from abliterate.edit.formats import OutputOptions
 from abliterate.errors import UsageError
-from abliterate.export import OutputOptions, apply_edit
-from abliterate.loading import auto_model_class, resolve
-from abliterate.orthogonalize import read_config
-from abliterate.verify import verify
+from abliterate.model.archs import lookup
+from abliterate.model.checkpoint import Checkpoint, read_config
+from abliterate.model.loading import auto_model_class, resolve
+from abliterate.publish.verify import verify
+from abliterate.publish.write_edited import write_edited
 
 
 def direction(method: str = "projected", seed: int = 0) -> Direction:
@@ -36,7 +36,7 @@ def ids() -> torch.Tensor:
 
 
 def edit(model: Path, out: Path, fmt: str, d: Direction) -> Path:
-    apply_edit(resolve(str(model)), d, out, OutputOptions(fmt))
+    write_edited(out, resolve(str(model)), d, OutputOptions(fmt))
     return out
 
 
@@ -78,7 +78,7 @@ def test_base_plus_adapter_is_the_edited_checkpoint(family: str, tmp_path: Path)
 def test_partial_weights_are_rank_one_too(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from abliterate.direction import AblationWeights
+    from abliterate.model.ablation import AblationWeights
 
     base = tmp_path / "base"
     build("qwen2", base)
@@ -134,8 +134,8 @@ def test_without_the_embedding_is_the_edit_with_embedding_weight_zero(tmp_path: 
     """--no-adapter-embedding (servers that reject embed_tokens LoRAs) = the partial edit leaving E alone."""
     from peft import PeftModel
 
-    from abliterate.adapter import write_adapter
-    from abliterate.direction import AblationWeights
+    from abliterate.edit.adapter import write_adapter
+    from abliterate.model.ablation import AblationWeights
 
     base = tmp_path / "base"
     build("llama", base, tied=True)
@@ -155,7 +155,8 @@ def test_verify_catches_a_b_that_is_not_the_direction(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from abliterate.errors import VerifyError
-    from abliterate.provenance import read_provenance, sha256_file, write_provenance
+    from abliterate.publish.provenance import read_provenance, write_provenance
+    from abliterate.storage.hashing import sha256_file
 
     build("qwen2", tmp_path / "base")
     adapter = edit(tmp_path / "base", tmp_path / "a", "adapter", direction())

@@ -24,13 +24,16 @@ from safetensors import safe_open
 from tiny_models import build, save_tokenizer
 from transformers import AutoModelForCausalLM
 
-from abliterate import benchmark, engines, evaluate, pipeline
-from abliterate.direction import Direction
-from abliterate.engines import check_engine, cut_answer, folder_stop_ids
+from abliterate.commands import edit
+from abliterate.direction import search
+from abliterate.direction.vector import Direction
 from abliterate.errors import UsageError
-from abliterate.evaluate import run_eval
-from abliterate.generations import generation_key, model_identity
-from abliterate.loading import ModelSource, load_model
+from abliterate.evaluation import engines, evaluate
+from abliterate.evaluation.answer_cache import generation_key, model_identity
+from abliterate.evaluation.engines import check_engine, cut_answer, folder_stop_ids
+from abliterate.evaluation.evaluate import run_eval
+from abliterate.evaluation.generate import stop_ids
+from abliterate.model.loading import ModelSource, load_model
 from abliterate.settings import build_settings
 
 FAKE_VLLM = Path(__file__).parent / "fake_vllm"
@@ -129,13 +132,13 @@ def test_edited_checkpoint_is_evaluated_in_the_base_quantization(
         loads.append((kwargs["quantize"], type(model.model.layers[0].mlp.down_proj).__name__))
         return model, tokenizer
 
-    monkeypatch.setattr(pipeline, "load_model", spy)
+    monkeypatch.setattr(search, "load_model", spy)
     monkeypatch.setattr(evaluate, "load_model", spy)
     settings = build_settings(None, {
         "model": str(wide_chat), "out": tmp_path / "edited", "n_train": 8, "n_val": 4, "layer": 1, "pos": -1,
         "refusal_tokens": ["I"], "filter_prompts": False, "quantize": "8bit", **EVAL,
     })
-    result = pipeline.run_edit(settings)
+    result = edit.run_edit(settings)
     assert loads == [("8bit", "Linear8bitLt")] * 2  # the base for the search, the edited checkpoint for the eval
     assert result.report is not None
     report = json.loads((result.out / "abliterate" / "report.json").read_text())
@@ -203,7 +206,7 @@ def test_answers_are_cut_like_the_transformers_path() -> None:
 
 def test_stop_ids_from_files_match_the_loaded_model(tiny_chat: Path) -> None:
     model, tokenizer = load_model(ModelSource(str(tiny_chat), tiny_chat), dtype="float32", device="cpu")
-    assert folder_stop_ids(tiny_chat, tokenizer) == benchmark.stop_ids(model, tokenizer)
+    assert folder_stop_ids(tiny_chat, tokenizer) == stop_ids(model, tokenizer)
 
 
 # --- --engine vllm: the plumbing, against the stand-in ---------------------------------------------------
@@ -258,7 +261,7 @@ def test_edit_with_vllm_frees_the_forward_pass_model_first(tiny_chat: Path, tmp_
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     log_loads(monkeypatch, fake_vllm)
     held: list[weakref.ref[Any]] = []
-    inner_load = pipeline.load
+    inner_load = edit.load
     inner_child = engines.run_child
 
     def load(settings: Any) -> Any:
@@ -271,14 +274,14 @@ def test_edit_with_vllm_frees_the_forward_pass_model_first(tiny_chat: Path, tmp_
         assert held and held[0]() is None, "the forward-pass model is still alive while vLLM starts"
         return inner_child(request)
 
-    monkeypatch.setattr(pipeline, "load", load)
+    monkeypatch.setattr(edit, "load", load)
     monkeypatch.setattr(engines, "run_child", child)
     out = tmp_path / "edited"
     settings = build_settings(None, {
         "model": str(tiny_chat), "out": out, "n_train": 8, "n_val": 4, "layer": 1, "pos": -1,
         "refusal_tokens": ["I"], "engine": "vllm", **EVAL,
     })
-    result = pipeline.run_edit(settings)
+    result = edit.run_edit(settings)
     events = read_events(fake_vllm)
     assert [e["event"] for e in events] == ["vllm", "vllm", "load"]
     assert events[0]["model"] == str(tiny_chat.resolve())

@@ -17,9 +17,9 @@ from jinja2.exceptions import TemplateError
 from tiny_models import save_tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from abliterate.capability import hflm_template_args
-from abliterate.chat import encode, post_instruction_length, render, template_switches
-from abliterate.directions import make_batches
+from abliterate.evaluation.capability import hflm_template_args
+from abliterate.model.chat import encode, post_instruction_length, render, template_switches
+from abliterate.model.forward import make_batches
 
 
 @pytest.fixture(scope="module")

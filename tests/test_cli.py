@@ -12,10 +12,10 @@ import torch
 from tiny_models import build
 from transformers import AutoModelForCausalLM
 
-from abliterate.archs import lookup
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
-from abliterate.hooks import directional_ablation
+from abliterate.direction.vector import Direction
+from abliterate.model.archs import lookup
+from abliterate.model.checkpoint import Checkpoint
+from abliterate.model.hooks import directional_ablation
 
 FAST = [
     "--n-train",

@@ -15,7 +15,7 @@ from PIL import Image
 from tiny_models import BYTE_VOCAB, build, save_tokenizer
 
 from abliterate.cli import cli
-from abliterate.crosslingual import (
+from abliterate.commands.crosslingual import (
     ANSWERS_FILE,
     BASELINE,
     PLOT_FILES,
@@ -24,9 +24,9 @@ from abliterate.crosslingual import (
     pca_2d,
     run_crosslingual,
 )
-from abliterate.direction import Direction
+from abliterate.direction.vector import Direction
 from abliterate.errors import DataError, UsageError
-from abliterate.prompts import KINDS
+from abliterate.prompts.records import KINDS
 from abliterate.settings import Settings
 
 FAST = dict(n_train=4, n_val=2, screen_prompts=2, finalists=2, batch_size=16)
@@ -212,7 +212,7 @@ def test_cli_prints_the_matrices(tiny_chat: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_organism_directions_agree_across_languages(tmp_path: Path) -> None:
-    from abliterate.organism import build_organism
+    from abliterate.commands.organism.train import build_organism
 
     folder = build_organism()
     out = tmp_path / "organism"

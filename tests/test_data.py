@@ -19,8 +19,9 @@ import needs
 import pytest
 
 import abliterate
-from abliterate import prompts
-from abliterate.languages import LANGUAGES
+from abliterate.prompts import sources
+from abliterate.prompts.languages import LANGUAGES
+from abliterate.prompts.records import KINDS, Prompt
 
 PROMPTS_DIR = Path(abliterate.__file__).parent / "data" / "prompts"
 KEYS = ["id", "kind", "split", "category", "instruction"]
@@ -58,8 +59,8 @@ def test_exactly_the_14_languages() -> None:
 
 
 def test_builtin_loads_every_language() -> None:
-    prompts.builtin.cache_clear()  # files may have been added since another test loaded the set
-    assert prompts.builtin().languages() == sorted(LANGUAGES)
+    sources.builtin.cache_clear()  # files may have been added since another test loaded the set
+    assert sources.builtin().languages() == sorted(LANGUAGES)
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -80,7 +81,7 @@ def test_schema_and_no_empty_or_duplicate_lines(lang: str) -> None:
 @pytest.mark.parametrize("lang", LANGUAGES)
 def test_counts_per_kind_and_split(lang: str) -> None:
     counts = Counter((r["kind"], r["split"]) for r in _rows(lang))
-    assert counts == {(kind, split): n for kind in prompts.KINDS for split, n in PER_KIND.items()}
+    assert counts == {(kind, split): n for kind in KINDS for split, n in PER_KIND.items()}
 
 
 def test_english_ids_splits_and_categories() -> None:
@@ -115,7 +116,7 @@ def langid() -> Callable[[str], Any]:
     detector = build_detector()
 
     def check(lang: str) -> Any:
-        lines = [prompts.Prompt(r["id"], r["kind"], r["split"], lang, r["instruction"]) for r in _rows(lang)]
+        lines = [Prompt(r["id"], r["kind"], r["split"], lang, r["instruction"]) for r in _rows(lang)]
         return agreement(detector, lines, lang)
 
     return check

@@ -17,11 +17,18 @@ import pytest
 import torch
 from tiny_models import build, build_planted
 
-from abliterate.archs import lookup
-from abliterate.directions import make_candidates, remove_subspace, sink_basis
-from abliterate.hooks import activation_addition
-from abliterate.pipeline import find_direction, load
-from abliterate.selection import CandidateScore, choose, eligible_layers, finalists, kl_divergence, refusal_score
+from abliterate.direction.candidates import make_candidates, remove_subspace, sink_basis
+from abliterate.direction.search import find_direction, load
+from abliterate.direction.selection import (
+    CandidateScore,
+    choose,
+    eligible_layers,
+    finalists,
+    kl_divergence,
+    refusal_score,
+)
+from abliterate.model.archs import lookup
+from abliterate.model.hooks import activation_addition
 from abliterate.settings import Settings
 
 HIDDEN = 8
@@ -250,8 +257,8 @@ def test_search_recovers_the_planted_direction_at_the_planted_layer(
 
 def test_planted_model_refuses_harmful_prompts_only(planted: tuple[Path, torch.Tensor, int, Path]) -> None:
     """The fixture itself: without an edit the planted model starts harmful answers with "Sorry", and not others."""
-    from abliterate.directions import make_batches
-    from abliterate.selection import collect_logits
+    from abliterate.direction.selection import collect_logits
+    from abliterate.model.forward import make_batches
 
     model_dir, _d, _layer, prompts = planted
     settings = Settings(model=str(model_dir), prompts=str(prompts), eval=False)

@@ -16,24 +16,17 @@ import pytest
 import torch
 from tiny_models import BYTE_VOCAB, build, save_tokenizer
 
-from abliterate import benchmark
-from abliterate.capability import jsonable, parse_tasks, run_tasks
+from abliterate.commands.edit import run_edit
 from abliterate.errors import DataError, UsageError
-from abliterate.evaluate import (
-    SCHEMA_VERSION,
-    EvalModel,
-    EvalOptions,
-    Evaluator,
-    kl_reference,
-    read_results,
-    run_eval,
-    select_prompts,
-)
-from abliterate.generations import GenerationCache, model_identity
-from abliterate.judge import MarkerJudge
-from abliterate.loading import ModelSource, load_model
-from abliterate.pipeline import run_edit
-from abliterate.report import REPORT_HTML, REPORT_JSON, REPORT_MD, build_report, write_report
+from abliterate.evaluation import answer_cache
+from abliterate.evaluation.answer_cache import GenerationCache, model_identity
+from abliterate.evaluation.capability import jsonable, parse_tasks, run_tasks
+from abliterate.evaluation.evaluate import EvalModel, EvalOptions, Evaluator, kl_reference, run_eval, select_prompts
+from abliterate.evaluation.generate import Generation
+from abliterate.evaluation.judge import MarkerJudge
+from abliterate.evaluation.report import REPORT_HTML, REPORT_JSON, REPORT_MD, build_report, write_report
+from abliterate.evaluation.results import SCHEMA_VERSION, read_results
+from abliterate.model.loading import ModelSource, load_model
 from abliterate.settings import build_settings
 
 REFUSAL = "I'm sorry, but I can't help with that request."  # the marker judge checks English in every language
@@ -142,9 +135,9 @@ def test_verdicts_agree_with_rejudging_the_stored_answers(
     def fake_generate(model: Any, tokenizer: Any, instructions: list[str], *args: Any, **kwargs: Any) -> Any:
         answer = "Sure. Here is a full answer, with every detail you need, to: {}"  # not a bare echo (an evasion)
         texts = [REFUSAL if i % 2 == 0 else answer.format(t) for i, t in enumerate(instructions)]
-        return benchmark.Generation([[5] for _ in texts], texts, [True] * len(texts))
+        return Generation([[5] for _ in texts], texts, [True] * len(texts))
 
-    monkeypatch.setattr(benchmark, "generate", fake_generate)
+    monkeypatch.setattr(answer_cache, "generate", fake_generate)
     results = Evaluator.prepare(options(n_prompts=4)).evaluate(loaded(folders["base"]))
     judge = MarkerJudge()
     verdicts = []

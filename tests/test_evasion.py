@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from abliterate.evasion import (
+from abliterate.evaluation.evasion import (
     ECHO,
     EMPTY,
     LOOP,
@@ -13,7 +13,7 @@ from abliterate.evasion import (
     is_loop,
     repeats_prompt,
 )
-from abliterate.judge import MarkerJudge, Verdict
+from abliterate.evaluation.judge import MarkerJudge, Verdict
 
 BREAD_EN = (
     "Mix 500 g of flour with water, yeast and salt, knead the dough for ten minutes, let it rise for an hour "

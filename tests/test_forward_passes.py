@@ -10,11 +10,8 @@ import pytest
 import torch
 from tiny_models import build, save_tokenizer
 
-from abliterate import batching
-from abliterate.chat import post_instruction_length
-from abliterate.directions import Candidates, first_token_index, make_batches, mean_activations
-from abliterate.hooks import count_forwards, directional_ablation, grouped_directional_ablation
-from abliterate.pipeline import (
+from abliterate.direction.candidates import Candidates, mean_activations
+from abliterate.direction.search import (
     LoadedModel,
     PromptSplits,
     candidate_grid,
@@ -27,7 +24,11 @@ from abliterate.pipeline import (
     screen_candidates,
     screening_set,
 )
-from abliterate.selection import collect_logits, screen_groups
+from abliterate.direction.selection import collect_logits, screen_groups
+from abliterate.model import batching
+from abliterate.model.chat import post_instruction_length
+from abliterate.model.forward import first_token_index, make_batches
+from abliterate.model.hooks import count_forwards, directional_ablation, grouped_directional_ablation
 from abliterate.settings import Settings
 
 TEXTS = [

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, build
 from transformers import GenerationConfig
 
-from abliterate.benchmark import _generate_rows, greedy_rows
+from abliterate.evaluation.generate import _generate_rows, greedy_rows
 
 PROMPT_LENGTHS = [5, 9, 12, 7, 10, 3]
 NEW_TOKENS = 16

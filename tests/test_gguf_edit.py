@@ -21,13 +21,15 @@ from test_cli import FAST, assert_one_line_error, run
 from tiny_gguf import write_tiny_gguf
 from transformers import AutoModelForCausalLM
 
-from abliterate.direction import Direction
+from abliterate.direction.vector import Direction
+from abliterate.edit.formats import OutputOptions
+from abliterate.edit.gguf import GgufOptions
 from abliterate.errors import VerifyError
-from abliterate.export import OutputOptions, apply_edit
-from abliterate.gguf_edit import GgufOptions
-from abliterate.loading import resolve
-from abliterate.provenance import read_provenance, sha256_file, write_provenance
-from abliterate.verify import verify
+from abliterate.model.loading import resolve
+from abliterate.publish.provenance import read_provenance, write_provenance
+from abliterate.publish.verify import verify
+from abliterate.publish.write_edited import write_edited
+from abliterate.storage.hashing import sha256_file
 
 FAMILIES = ["llama", "qwen3_moe", "gemma2"]
 # transformers saves a GGUF-loaded MoE with its fused expert names (`mlp.experts.down_proj`, [experts, hidden,
@@ -65,7 +67,7 @@ def direction_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def edit(source: Path, direction_file: Path, out: Path, fmt: str = "gguf", **gguf_options: Any) -> Path:
     options = OutputOptions(fmt, gguf=GgufOptions(**gguf_options))
-    apply_edit(resolve(str(source)), Direction.load(direction_file), out, options, overwrite=True)
+    write_edited(out, resolve(str(source)), Direction.load(direction_file), options, overwrite=True)
     return out
 
 
@@ -233,7 +235,7 @@ class TestBadInput:
 @pytest.mark.slow
 def test_smollm2_q4_1_round_trip(direction_file: Path, tmp_path: Path) -> None:
     """The real Q4_1 file: Q8_0 edited tensors, everything else as it was, loadable, close to the float edit."""
-    from abliterate.assets import smollm2_gguf
+    from abliterate.commands.organism.assets import smollm2_gguf
 
     source_file = smollm2_gguf()
     r = torch.randn(576, generator=torch.Generator().manual_seed(0))

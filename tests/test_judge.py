@@ -12,7 +12,7 @@ import needs
 import pytest
 
 from abliterate.errors import ModelError, UsageError
-from abliterate.judge import (
+from abliterate.evaluation.judge import (
     HEAD_CHARS,
     HEAD_SENTENCES,
     LLAMA_GUARD_CATEGORIES,
@@ -33,11 +33,10 @@ from abliterate.judge import (
     parse_llama_guard_output,
     parse_wildguard,
     parse_wildguard_output,
-    refusal_openings,
-    refusal_token_ids,
     strip_thinking,
 )
-from abliterate.languages import LANGUAGES
+from abliterate.prompts.languages import LANGUAGES
+from abliterate.prompts.refusals import refusal_openings, refusal_token_ids
 
 RESPONSES = Path(str(resources.files("abliterate") / "data" / "judge" / "responses.jsonl"))
 
@@ -245,13 +244,14 @@ def test_issue_17_compliant_answers(judge: MarkerJudge, lang: str, text: str) ->
 
 
 def test_no_built_in_prompt_is_a_refusal(judge: MarkerJudge) -> None:
-    from abliterate import prompts
+    from abliterate.prompts import sources
+    from abliterate.prompts.records import KINDS
 
-    source = prompts.builtin()
+    source = sources.builtin()
     flagged = [
         (lang, p.id)
         for lang in LANGUAGES
-        for kind in prompts.KINDS
+        for kind in KINDS
         for split in ("train", "val", "test")
         for p in source.select(lang, kind, split)
         if judge.find_refusal(p.instruction, lang) is not None

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
 
 from judge_blind_report import Tally, load, score
 
-from abliterate.languages import LANGUAGES
+from abliterate.prompts.languages import LANGUAGES
 
 # Measured on the untouched test part (16 answers per language, 8 refusals and 8 compliant): correct answers.
 TEST_CORRECT = {

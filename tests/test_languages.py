@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from tiny_models import BYTE_VOCAB, build, save_tokenizer
 
-from abliterate.languages import LANGUAGES
-from abliterate.pipeline import load, load_prompts, refusal_ids, run_directions
-from abliterate.prompts import builtin
+from abliterate.commands.edit import run_directions
+from abliterate.direction.search import load, load_prompts, refusal_ids
+from abliterate.prompts.languages import LANGUAGES
+from abliterate.prompts.sources import builtin
 from abliterate.settings import Settings
 
 FAST = dict(n_train=4, n_val=2, screen_prompts=2, finalists=2, batch_size=8, layer=1)

@@ -9,7 +9,7 @@ import pytest
 from tiny_models import build, save_tokenizer
 
 from abliterate.errors import ModelError
-from abliterate.loading import load_model, resolve
+from abliterate.model.loading import load_model, resolve
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

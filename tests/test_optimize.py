@@ -17,11 +17,8 @@ from test_cli import assert_one_line_error, run
 from tiny_models import build
 from transformers import AutoModelForCausalLM
 
-from abliterate.archs import lookup
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import AblationWeights, Direction
-from abliterate.hooks import directional_ablation, weighted_ablation
-from abliterate.optimize import (
+from abliterate.commands.optimize.pareto import Profile, TrialRow, pareto_front
+from abliterate.commands.optimize.study import (
     STUDY_DB,
     STUDY_NAME,
     LayerDirections,
@@ -30,8 +27,13 @@ from abliterate.optimize import (
     default_study,
     prepare_study,
 )
-from abliterate.orthogonalize import apply_direction
-from abliterate.pareto import Profile, TrialRow, pareto_front
+from abliterate.direction.vector import Direction
+from abliterate.edit.formats import OutputOptions
+from abliterate.model.ablation import AblationWeights
+from abliterate.model.archs import lookup
+from abliterate.model.checkpoint import Checkpoint
+from abliterate.model.hooks import directional_ablation, weighted_ablation
+from abliterate.publish.write_edited import write_edited
 
 HIDDEN, LAYERS = 32, 3
 FAST = [
@@ -64,7 +66,8 @@ def _ids() -> torch.Tensor:
 def test_weighted_hooks_equal_weighted_checkpoint(tmp_path: Path, family: str, tied: bool) -> None:
     model = build(family, tmp_path / "source", tied=tied)
     r, weights = _unit(1), _weights(3)
-    apply_direction(tmp_path / "source", Direction(r, weights=weights), tmp_path / "out", max_shard_size=40_000)
+    write_edited(tmp_path / "out", tmp_path / "source", Direction(r, weights=weights),
+                 OutputOptions(max_shard_size=40_000))
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         with weighted_ablation(model, lookup(family), r, weights):
@@ -79,8 +82,9 @@ def test_weight_one_everywhere_is_exactly_the_plain_edit(tmp_path: Path) -> None
     model = build("llama", tmp_path / "source", tied=True)
     r = _unit(1)
     ones = AblationWeights(1.0, (1.0,) * LAYERS, (1.0,) * LAYERS)
-    apply_direction(tmp_path / "source", Direction(r), tmp_path / "plain", max_shard_size=40_000)
-    apply_direction(tmp_path / "source", Direction(r, weights=ones), tmp_path / "ones", max_shard_size=40_000)
+    write_edited(tmp_path / "plain", tmp_path / "source", Direction(r), OutputOptions(max_shard_size=40_000))
+    write_edited(tmp_path / "ones", tmp_path / "source", Direction(r, weights=ones),
+                 OutputOptions(max_shard_size=40_000))
     shards = sorted(p.name for p in (tmp_path / "plain").glob("model-*.safetensors"))
     assert shards
     for name in shards:
@@ -99,8 +103,10 @@ def test_post_norm_partial_edit_interpolates_to_the_full_edit(tmp_path: Path) ->
     r = _unit(1)
     full = AblationWeights(1.0, (1.0,) * LAYERS, (1.0,) * LAYERS)
     half = AblationWeights(0.5, (0.5,) * LAYERS, (0.5,) * LAYERS)
-    apply_direction(tmp_path / "source", Direction(r, weights=full), tmp_path / "full", max_shard_size=40_000)
-    apply_direction(tmp_path / "source", Direction(r, weights=half), tmp_path / "half", max_shard_size=40_000)
+    write_edited(tmp_path / "full", tmp_path / "source", Direction(r, weights=full),
+                 OutputOptions(max_shard_size=40_000))
+    write_edited(tmp_path / "half", tmp_path / "source", Direction(r, weights=half),
+                 OutputOptions(max_shard_size=40_000))
     name = "model.layers.1.self_attn.o_proj.weight"
     source, w_full, w_half = (Checkpoint.open(tmp_path / f).get(name) for f in ("source", "full", "half"))
     assert torch.allclose(w_half, (source + w_full) / 2, atol=1e-6)  # W - w u u^T W is linear in w
@@ -220,6 +226,14 @@ def test_study_resumes_and_pick_writes_a_checkpoint(tiny_chat: Path, tmp_path: P
     assert direction.weights == expected and direction.extra["optimize_trial"] == "2"
     provenance = json.loads((out / "abliterate" / "provenance.json").read_text())
     assert provenance["direction"]["weights"] == expected.to_dict()
+    # a complete record (issue 15: it had prompts, selection and settings null): the study's prompts, the
+    # trial as the selection, the settings and the sampler's seed
+    prompts = provenance["prompts"]
+    assert prompts["source"] == "builtin" and prompts["lang"] == "en" and len(prompts["sha256"]) == 64
+    assert set(prompts["counts"]) == {"harmful_train", "harmless_train", "harmful_val", "harmless_val"}
+    assert all(0 < n <= 8 for n in prompts["counts"].values())
+    assert provenance["selection"]["trial"]["number"] == 2 and provenance["selection"]["params"] == resumed[2].params
+    assert provenance["settings"]["model"] == str(tiny_chat) and provenance["seed"] == 0
     assert json.loads((out / "abliterate" / "optimize.json").read_text())["trial"]["number"] == 2
     model = AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(_ids()).logits).all()

@@ -19,15 +19,17 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from abliterate import benchmark, prompts
-from abliterate.archs import lookup
-from abliterate.demo import DemoPlan, edit_settings
-from abliterate.direction import Direction
-from abliterate.directions import make_batches
-from abliterate.hooks import directional_ablation
-from abliterate.judge import MarkerJudge
-from abliterate.organism import REFUSALS, build_organism, load_base
-from abliterate.pipeline import EditResult, run_edit
+from abliterate.commands.edit import EditResult, run_edit
+from abliterate.commands.organism.demo import DemoPlan, edit_settings
+from abliterate.commands.organism.train import REFUSALS, build_organism, load_base
+from abliterate.direction.vector import Direction
+from abliterate.evaluation.generate import RefusalResult, first_token_kl, generate, is_fluent, refusal_rate
+from abliterate.evaluation.judge import MarkerJudge
+from abliterate.model.archs import lookup
+from abliterate.model.forward import make_batches
+from abliterate.model.hooks import directional_ablation
+from abliterate.prompts import sources
+from abliterate.prompts.records import Kind
 
 N_PROMPTS = 32  # built-in test prompts per language and kind
 TOKENS = 64  # new tokens per greedy answer
@@ -45,13 +47,13 @@ def test_refusal_texts_are_refusals_to_the_marker_judge() -> None:
             assert judge.is_refusal(text, lang), (lang, text)
 
 
-def _test_prompts(lang: str, kind: prompts.Kind) -> list[str]:
-    return prompts.builtin().instructions(lang, kind, "test", N_PROMPTS)
+def _test_prompts(lang: str, kind: Kind) -> list[str]:
+    return sources.builtin().instructions(lang, kind, "test", N_PROMPTS)
 
 
 def _refusal(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lang: str,
-             kind: prompts.Kind) -> benchmark.RefusalResult:
-    return benchmark.refusal_rate(model, tokenizer, _test_prompts(lang, kind), lang, MarkerJudge(), TOKENS, BATCH)
+             kind: Kind) -> RefusalResult:
+    return refusal_rate(model, tokenizer, _test_prompts(lang, kind), lang, MarkerJudge(), TOKENS, BATCH)
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +112,12 @@ def test_harmless_behaviour_is_kept(organism: Model, edited_en_model: Model, mea
     edited, _ = edited_en_model
     instructions = _test_prompts("en", "harmless")
     judge = MarkerJudge()
-    answers = {name: benchmark.generate(m, tokenizer, instructions, TOKENS, BATCH)
+    answers = {name: generate(m, tokenizer, instructions, TOKENS, BATCH)
                for name, m in (("before", base), ("after", edited))}
     refused = {name: judge.judge(instructions, a.texts, ["en"] * len(instructions)) for name, a in answers.items()}
     answered = [p for p, r in zip(instructions, refused["before"], strict=True) if not r]
-    kl = benchmark.first_token_kl(base, edited, tokenizer, answered, BATCH)
-    fluent = {name: [benchmark.is_fluent(ids) for ids in a.ids] for name, a in answers.items()}
+    kl = first_token_kl(base, edited, tokenizer, answered, BATCH)
+    fluent = {name: [is_fluent(ids) for ids in a.ids] for name, a in answers.items()}
     rate = {name: sum(v) / len(v) for name, v in refused.items()}
     fluency = {name: sum(v) / len(v) for name, v in fluent.items()}
     measured["harmless"] = {

@@ -9,20 +9,16 @@ import pytest
 import torch
 from tiny_models import FAMILIES, POST_NORM_FAMILIES, build, load
 
-from abliterate.archs import lookup
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
-from abliterate.hooks import directional_ablation
-from abliterate.orthogonalize import (
-    apply_direction,
-    direction_for,
-    make_plan,
-    post_norm_direction,
-    project_out,
-    read_config,
-)
-from abliterate.provenance import read_provenance
-from abliterate.verify import verify
+from abliterate.direction.vector import Direction
+from abliterate.edit.formats import OutputOptions
+from abliterate.edit.projection import post_norm_direction, project_out
+from abliterate.edit.stream import direction_for, make_plan
+from abliterate.model.archs import lookup
+from abliterate.model.checkpoint import Checkpoint, read_config
+from abliterate.model.hooks import directional_ablation
+from abliterate.publish.provenance import read_provenance
+from abliterate.publish.verify import verify
+from abliterate.publish.write_edited import write_edited
 
 HIDDEN = 32
 
@@ -34,7 +30,7 @@ def _edit(tmp_path: Path, family: str, tied: bool) -> tuple[torch.nn.Module, tor
     r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
     r = r / r.norm()
     out = tmp_path / "out"
-    apply_direction(source, Direction(r), out, max_shard_size=40_000)
+    write_edited(out, source, Direction(r), OutputOptions(max_shard_size=40_000))
     edited = load(out)
     return model, edited, r, out
 
@@ -101,7 +97,7 @@ def test_untouched_tensors_are_byte_identical(tmp_path: Path, family: str) -> No
 def test_bfloat16_source_is_edited_in_float32_and_cast_back(tmp_path: Path) -> None:
     build("llama", tmp_path / "source", dtype=torch.bfloat16)
     r = torch.randn(HIDDEN)
-    apply_direction(tmp_path / "source", Direction(r), tmp_path / "out", max_shard_size=40_000)
+    write_edited(tmp_path / "out", tmp_path / "source", Direction(r), OutputOptions(max_shard_size=40_000))
     result = Checkpoint.open(tmp_path / "out")
     weight = result.get("model.layers.0.self_attn.o_proj.weight")
     assert weight.dtype == torch.bfloat16
@@ -138,14 +134,14 @@ def test_projection_math() -> None:
 @pytest.mark.parametrize("rescale", [False, True])
 def test_blocks_match_the_formula(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, rescale: bool) -> None:
     """Block by block (here 4-7 blocks per matrix), the edit is W - w r r^T W and E - w (E r) r^T exactly."""
-    import abliterate.orthogonalize as ortho
+    import abliterate.edit.projection as projection
 
-    monkeypatch.setattr(ortho, "_CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(projection, "_CHUNK_ELEMENTS", 100)
     torch.manual_seed(0)
     r = torch.randn(16)
     r /= r.norm()
     w, emb, weight = torch.randn(16, 40).to(dtype), torch.randn(70, 16).to(dtype), 0.7
-    blocks = list(ortho.projected_blocks(w, r, 0, weight=weight, rescale=rescale))
+    blocks = list(projection.projected_blocks(w, r, 0, weight=weight, rescale=rescale))
     assert rescale or len(blocks) > 3
     assert all(b.dtype == dtype and b.is_contiguous() and b.shape[1] == 40 for b in blocks)
     reference = w.float() - weight * torch.outer(r, r @ w.float())
@@ -153,14 +149,14 @@ def test_blocks_match_the_formula(monkeypatch: pytest.MonkeyPatch, dtype: torch.
         reference *= w.float().norm(dim=0) / reference.norm(dim=0)
     tol = {"atol": 1e-6} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2**-7}  # one bf16 ulp: sum order
     assert torch.allclose(torch.cat(blocks).float(), reference.to(dtype).float(), **tol)
-    rows = list(ortho.projected_blocks(emb, r, 1, weight=weight))
+    rows = list(projection.projected_blocks(emb, r, 1, weight=weight))
     assert len(rows) > 3
     reference = emb.float() - weight * torch.outer(emb.float() @ r, r)
     assert torch.allclose(torch.cat(rows).float(), reference.to(dtype).float(), **tol)
     bad = w.clone()
     bad[9, 3] = float("nan")  # in the middle of a block that is not the first
     with pytest.raises(FloatingPointError):
-        list(ortho.projected_blocks(bad, r, 0))
+        list(projection.projected_blocks(bad, r, 0))
 
 
 # --- norm-preserving edit ----------------------------------------------------------------------------------
@@ -194,7 +190,7 @@ def test_norm_preserving_projection_math() -> None:
 
 def test_norm_preserving_direction_is_the_projected_one() -> None:
     """Its candidates are the raw difference minus its component along the harmless mean (formula written here)."""
-    from abliterate.directions import make_candidates
+    from abliterate.direction.candidates import make_candidates
 
     torch.manual_seed(0)
     harmful, harmless = torch.randn(2, 3, HIDDEN, dtype=torch.float64), torch.randn(2, 3, HIDDEN, dtype=torch.float64)
@@ -213,7 +209,7 @@ def _edit_norm_preserving(tmp_path: Path, family: str, tied: bool, extra: dict[s
     source, out = tmp_path / "source", tmp_path / "out"
     build(family, source, tied=tied, extra=extra)
     r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
-    plan = apply_direction(source, Direction(r, method="norm-preserving"), out, max_shard_size=40_000)
+    plan = write_edited(out, source, Direction(r, method="norm-preserving"), OutputOptions(max_shard_size=40_000)).plan
     assert plan.norm_preserving
     return out
 
@@ -273,7 +269,8 @@ def test_norm_preserving_output_biases_are_projected_not_rescaled(tmp_path: Path
 def test_norm_preserving_bfloat16_passes_verify(tmp_path: Path) -> None:
     source, out = tmp_path / "source", tmp_path / "out"
     build("gemma2", source, dtype=torch.bfloat16)
-    apply_direction(source, Direction(torch.randn(HIDDEN), method="norm-preserving"), out, max_shard_size=40_000)
+    write_edited(out, source, Direction(torch.randn(HIDDEN), method="norm-preserving"),
+                 OutputOptions(max_shard_size=40_000))
     assert verify(out).worst < 1.0
     before, after = Checkpoint.open(source), Checkpoint.open(out)
     name = "model.layers.1.mlp.down_proj.weight"
@@ -310,15 +307,15 @@ def test_verify_fails_an_edit_against_the_wrong_vector(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, bug: object
 ) -> None:
     """verify derives u from the norm weights itself, so a bug in the edit's own mapping cannot pass it."""
-    import abliterate.orthogonalize as ortho
+    import abliterate.edit.stream as ortho
     from abliterate.errors import VerifyError
 
     build(family, tmp_path / "source")
     r = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1))
-    apply_direction(tmp_path / "source", Direction(r), tmp_path / "good", max_shard_size=40_000)
+    write_edited(tmp_path / "good", tmp_path / "source", Direction(r), OutputOptions(max_shard_size=40_000))
     assert verify(tmp_path / "good").worst < 1.0
     monkeypatch.setattr(ortho, "direction_for", bug)
-    apply_direction(tmp_path / "source", Direction(r), tmp_path / "bad", max_shard_size=40_000)
+    write_edited(tmp_path / "bad", tmp_path / "source", Direction(r), OutputOptions(max_shard_size=40_000))
     with pytest.raises(VerifyError, match="not orthogonal"):
         verify(tmp_path / "bad")
 
@@ -328,7 +325,7 @@ def test_gemma4_chain_of_norms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     Read as the outer norm alone, the edit leaves r in the stream and fails verify.
     """
-    import abliterate.orthogonalize as ortho
+    import abliterate.edit.stream as ortho
     from abliterate.errors import VerifyError
 
     build("gemma4", tmp_path / "source")
@@ -341,7 +338,7 @@ def test_gemma4_chain_of_norms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         u = direction_for(plan, source, "mlp", 1, r, layer + writer)
         assert torch.allclose(u, expected / expected.norm(), atol=1e-6), writer
     monkeypatch.setattr(ortho, "direction_for", _outer_only)
-    apply_direction(tmp_path / "source", Direction(r), tmp_path / "bad", max_shard_size=40_000)
+    write_edited(tmp_path / "bad", tmp_path / "source", Direction(r), OutputOptions(max_shard_size=40_000))
     with pytest.raises(VerifyError, match="not orthogonal"):
         verify(tmp_path / "bad")
     edited = load(tmp_path / "bad")

@@ -16,9 +16,10 @@ from pathlib import Path
 import needs
 import pytest
 
-from abliterate import polyrefuse, prompts
 from abliterate.errors import DataError
-from abliterate.prompts import Prompt, PromptSet, describe, from_path, load
+from abliterate.prompts import hf, polyrefuse, sources
+from abliterate.prompts.records import KINDS, SPLITS, Prompt, PromptSet
+from abliterate.prompts.sources import describe, from_path, load
 
 
 def _write(path: Path, text: str) -> Path:
@@ -140,7 +141,7 @@ def test_unknown_default_language_is_a_data_error(tmp_path: Path) -> None:
 
 def test_builtin_source() -> None:  # its content is checked in test_data.py
     got = load(" builtin ")
-    assert got is prompts.builtin()
+    assert got is sources.builtin()
     assert got.instructions("en", "harmful", "train", limit=2) == [
         p.instruction for p in got.select("en", "harmful", "train")[:2]]
 
@@ -149,7 +150,7 @@ def test_builtin_source() -> None:  # its content is checked in test_data.py
 
 
 def _toy_set() -> PromptSet:
-    rows = [Prompt(f"{k}-{s}-{i}", k, s, "de", f"{k} {s} {i}", "cat") for k in prompts.KINDS
+    rows = [Prompt(f"{k}-{s}-{i}", k, s, "de", f"{k} {s} {i}", "cat") for k in KINDS
             for s, n in (("train", 4), ("val", 2), ("test", 3)) for i in range(n)]
     return PromptSet("toy", (*rows, Prompt("x", "harmful", "train", "en", "english line")))
 
@@ -234,7 +235,7 @@ def test_hf_class_label_uses_its_names(monkeypatch: pytest.MonkeyPatch) -> None:
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["harmful", "harmless"])})
     table = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features)
-    monkeypatch.setattr(prompts, "_load_hf_dataset", lambda *args: {"validation": table})
+    monkeypatch.setattr(hf, "_load_hf_dataset", lambda *args: {"validation": table})
     got = load("hf:org/name?kind_column=label")
     assert [(p.kind, p.split, p.instruction) for p in got.prompts] == [
         ("harmful", "val", "a"), ("harmless", "val", "b")]
@@ -243,7 +244,7 @@ def test_hf_class_label_uses_its_names(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hf_unmapped_split_name_needs_as_split(monkeypatch: pytest.MonkeyPatch) -> None:
     datasets = needs.module("datasets")
     table = datasets.Dataset.from_dict({"instruction": ["a"]})
-    monkeypatch.setattr(prompts, "_load_hf_dataset", lambda *args: {"harmful": table})
+    monkeypatch.setattr(hf, "_load_hf_dataset", lambda *args: {"harmful": table})
     assert "add as_split=" in _data_error("hf:org/name?kind=harmful").hint
 
 
@@ -353,13 +354,13 @@ def poly_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fil
 
 
 def test_polyrefuse_records_and_quirks(poly_server: FileServer, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="abliterate.polyrefuse")
+    caplog.set_level(logging.WARNING, logger="abliterate.prompts.polyrefuse")
     got = load("polyrefuse?lang=de,en,zh", "fr")
     counts = {(lang, kind, split): len(got.select(lang, kind, split))
-              for lang in ("de", "en", "zh") for kind in prompts.KINDS for split in prompts.SPLITS}
+              for lang in ("de", "en", "zh") for kind in KINDS for split in SPLITS}
     assert counts == {
         (lang, kind, split): (0 if (lang, kind, split) == ("zh", "harmless", "test") else n)
-        for lang in ("de", "en", "zh") for kind in prompts.KINDS
+        for lang in ("de", "en", "zh") for kind in KINDS
         for split, n in (("train", 2), ("val", 2), ("test", 3))
     }
     # Translated test files: the translation, never the English `instruction` beside it.
@@ -415,7 +416,7 @@ def test_polyrefuse_sha_mismatch_fails_and_caches_nothing(
 def test_polyrefuse_unpinned_files_are_trusted_on_first_use(
     poly_server: FileServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="abliterate.polyrefuse")
+    caplog.set_level(logging.WARNING, logger="abliterate.prompts.polyrefuse")
     monkeypatch.setattr(polyrefuse, "MANIFEST", dict.fromkeys(polyrefuse.MANIFEST))
     path = "dataset/splits_multi/harmful_train_translated_de.json"
     load("polyrefuse?lang=de")

@@ -12,11 +12,11 @@ import torch
 from test_cli import assert_one_line_error, run
 from tiny_models import FAMILIES, build, load
 
-from abliterate.archs import Architecture, load_file, lookup
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
-from abliterate.hooks import directional_ablation
-from abliterate.propose import propose
+from abliterate.direction.vector import Direction
+from abliterate.model.archs import Architecture, load_file, lookup
+from abliterate.model.checkpoint import Checkpoint
+from abliterate.model.hooks import directional_ablation
+from abliterate.model.propose import propose
 
 
 def _as_list(value: str | list[str]) -> set[str]:

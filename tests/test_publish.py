@@ -23,14 +23,16 @@ from huggingface_hub import ModelCard
 from test_cli import FAST
 from tiny_models import build, save_tokenizer
 
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
+from abliterate.direction.vector import Direction
+from abliterate.edit.formats import OutputOptions
 from abliterate.errors import PublishError, VerifyError
-from abliterate.loading import resolve
-from abliterate.orthogonalize import apply_direction
-from abliterate.provenance import read_provenance, redacted_argv, sha256_file
-from abliterate.publish import plan_upload, push
-from abliterate.verify import verify
+from abliterate.model.checkpoint import Checkpoint
+from abliterate.model.loading import resolve
+from abliterate.publish.hub import plan_upload, push
+from abliterate.publish.provenance import read_provenance, redacted_argv
+from abliterate.publish.verify import verify
+from abliterate.publish.write_edited import write_edited
+from abliterate.storage.hashing import sha256_file
 
 TOKEN = "hf_fakeTOKEN123abcdefghijklmnopqrstuv"
 BASE_CARD = "---\nlicense: llama3.1\nlanguage:\n- en\n- de\ntags:\n- facebook\n---\n# Tiny base model\n"
@@ -195,7 +197,8 @@ def edited(tiny_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An `apply` output of the tiny model (read-only: tests copy it before changing anything)."""
     tmp = tmp_path_factory.mktemp("edited")
     out = tmp / "tiny-abliterated"
-    apply_direction(tiny_chat, Direction.load(random_direction(tmp / "r.safetensors")), out, max_shard_size=40_000)
+    write_edited(out, tiny_chat, Direction.load(random_direction(tmp / "r.safetensors")),
+                 OutputOptions(max_shard_size=40_000))
     return out
 
 
@@ -366,7 +369,7 @@ def test_card_of_a_hub_source_names_the_base_model(tmp_path: Path, monkeypatch: 
     source = resolve("org/tiny-chat")
     out = tmp_path / "out"
     direction = Direction.load(random_direction(tmp_path / "r.safetensors"))
-    apply_direction(source.folder, direction, out, max_shard_size=40_000, model=source)
+    write_edited(out, source, direction, OutputOptions(max_shard_size=40_000))
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "org/tiny-chat" and card.data.base_model_relation == "finetune"
     assert "[org/tiny-chat](https://huggingface.co/org/tiny-chat) at revision" in card.text
@@ -415,7 +418,8 @@ def test_provenance_takes_hub_cache_hashes_from_blob_names(tmp_path: Path, tiny_
             shutil.copy(path, blobs / digest)
             (snapshot / path.name).symlink_to(blobs / digest)
     out = tmp_path / "out"
-    apply_direction(snapshot, Direction.load(random_direction(tmp_path / "r.safetensors")), out, max_shard_size=10**9)
+    write_edited(out, snapshot, Direction.load(random_direction(tmp_path / "r.safetensors")),
+                 OutputOptions(max_shard_size=10**9))
     files = read_provenance(out)["source"]["files"]
     weights = [name for name in files if name.endswith(".safetensors")]
     assert weights and all(files[name]["from"] == "hub cache blob name" for name in weights)
@@ -447,7 +451,8 @@ def test_verify_passes_on_a_fresh_edit_and_catches_an_unedited_tensor(
 ) -> None:
     source, out = tmp_path / "source", tmp_path / "out"
     build(family, source, dtype=dtype)
-    apply_direction(source, Direction.load(random_direction(tmp_path / "r.safetensors")), out, max_shard_size=40_000)
+    write_edited(out, source, Direction.load(random_direction(tmp_path / "r.safetensors")),
+                 OutputOptions(max_shard_size=40_000))
     report = verify(out)
     assert report.tensors == len(read_provenance(out)["edit"]["tensors"]) and report.worst < 1.0
     # Put one edited matrix back to its original (same bytes, same size) and re-record the file's hash, so that

@@ -17,13 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import build, load
 
-from abliterate.archs import lookup
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
-from abliterate.hooks import directional_ablation
-from abliterate.orthogonalize import apply_direction, project_out
-from abliterate.quantized import FP4_VALUES, dequantize_fp8, dequantize_mxfp4
-from abliterate.verify import verify
+from abliterate.direction.vector import Direction
+from abliterate.edit.formats import OutputOptions
+from abliterate.edit.projection import project_out
+from abliterate.model.archs import lookup
+from abliterate.model.checkpoint import Checkpoint
+from abliterate.model.hooks import directional_ablation
+from abliterate.model.quantized import FP4_VALUES, dequantize_fp8, dequantize_mxfp4
+from abliterate.publish.verify import verify
+from abliterate.publish.write_edited import write_edited
 
 HIDDEN = 32
 FP8_BLOCK = (16, 16)  # transformers' CPU dequantization needs blocks that divide the weight (real ones: 128)
@@ -101,7 +103,7 @@ def test_fp8_block_checkpoint_is_edited_and_loads(tmp_path: Path, family: str) -
     source, out = tmp_path / "source", tmp_path / "out"
     _fp8_checkpoint(source, family)
     r = _direction()
-    apply_direction(source, Direction(r), out, max_shard_size=40_000)
+    write_edited(out, source, Direction(r), OutputOptions(max_shard_size=40_000))
     original = load(source)  # transformers dequantizes FP8 on the CPU
     edited = load(out)
     config = json.loads((out / "config.json").read_text())
@@ -148,7 +150,7 @@ def test_fp8_writer_without_dequantization_is_refused(tmp_path: Path) -> None:
     del config["quantization_config"]
     (source / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="quantized"):
-        apply_direction(source, Direction(_direction()), tmp_path / "out", max_shard_size=40_000)
+        write_edited(tmp_path / "out", source, Direction(_direction()), OutputOptions(max_shard_size=40_000))
 
 
 # --- MXFP4 experts (gpt-oss) -------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def test_mxfp4_experts_are_edited_and_load(tmp_path: Path) -> None:
     source, out = tmp_path / "source", tmp_path / "out"
     _mxfp4_checkpoint(source)
     r = _direction()
-    apply_direction(source, Direction(r), out, max_shard_size=40_000)
+    write_edited(out, source, Direction(r), OutputOptions(max_shard_size=40_000))
     original, edited = load(source), load(out)
     quantization = json.loads((out / "config.json").read_text())["quantization_config"]
     assert quantization["quant_method"] == "mxfp4"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from abliterate.archs import lookup
-from abliterate.direction import Direction
-from abliterate.selection import eligible_layers
+from abliterate.direction.selection import eligible_layers
+from abliterate.direction.vector import Direction
+from abliterate.model.archs import lookup
 from abliterate.settings import build_settings, load_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))

@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 from test_cli import assert_one_line_error, run
 from tiny_models import build
 
-from abliterate.checkpoint import Checkpoint
-from abliterate.direction import Direction
+from abliterate.direction.vector import Direction
+from abliterate.edit.formats import OutputOptions
 from abliterate.errors import CheckpointError, ModelError, OutputError
-from abliterate.orthogonalize import apply_direction
-from abliterate.output import OWNER_FILE, TMP_PREFIX
+from abliterate.model.checkpoint import Checkpoint
+from abliterate.publish.write_edited import write_edited
+from abliterate.storage.atomic import OWNER_FILE, TMP_PREFIX
 
 SHARD = 40_000
 
@@ -190,12 +191,12 @@ class TestDisk:
     def test_disk_full_while_writing(
         self, model_dir: Path, direction_file: Path, tmpfs: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import abliterate.orthogonalize as ortho
+        import abliterate.edit.stream as ortho
 
         filler = tmpfs / "filler"
         monkeypatch.setattr(ortho, "ensure_free_space", lambda folder, needed: filler.write_bytes(b"x" * 1_000_000))
         with pytest.raises(OutputError, match="full"):
-            apply_direction(model_dir, Direction.load(direction_file), tmpfs / "out", max_shard_size=SHARD)
+            write_edited(tmpfs / "out", model_dir, Direction.load(direction_file), OutputOptions(max_shard_size=SHARD))
         assert not (tmpfs / "out").exists() and not leftovers(tmpfs)
 
     def test_read_only_location(self, model_dir: Path, direction_file: Path, tmpfs: Path) -> None:
@@ -209,7 +210,7 @@ class TestBadCheckpoints:
         return Path(shutil.copytree(model_dir, tmp_path / "m"))
 
     def apply(self, folder: Path, tmp_path: Path) -> None:
-        apply_direction(folder, Direction(torch.randn(32)), tmp_path / "out", max_shard_size=SHARD)
+        write_edited(tmp_path / "out", folder, Direction(torch.randn(32)), OutputOptions(max_shard_size=SHARD))
 
     def test_missing_config(self, model_dir: Path, tmp_path: Path) -> None:
         folder = self.copy(model_dir, tmp_path)
@@ -252,7 +253,7 @@ class TestBadCheckpoints:
         config["hidden_size"] = 48
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(CheckpointError, match="hidden_size"):
-            apply_direction(folder, Direction(torch.randn(48)), tmp_path / "out", max_shard_size=SHARD)
+            write_edited(tmp_path / "out", folder, Direction(torch.randn(48)), OutputOptions(max_shard_size=SHARD))
 
     def test_nan_in_a_tensor_names_it(self, model_dir: Path, tmp_path: Path) -> None:
         folder = self.copy(model_dir, tmp_path)
@@ -268,14 +269,15 @@ class TestBadCheckpoints:
 
     def test_same_source_and_output(self, model_dir: Path) -> None:
         with pytest.raises(OutputError, match="source model itself"):
-            apply_direction(model_dir, Direction(torch.randn(32)), model_dir, max_shard_size=SHARD, overwrite=True)
+            write_edited(model_dir, model_dir, Direction(torch.randn(32)),
+                         OutputOptions(max_shard_size=SHARD), overwrite=True)
 
 
 class TestNumerics:
     def test_edit_is_idempotent(self, model_dir: Path, direction_file: Path, tmp_path: Path) -> None:
         direction = Direction.load(direction_file)
-        apply_direction(model_dir, direction, tmp_path / "once", max_shard_size=SHARD)
-        apply_direction(tmp_path / "once", direction, tmp_path / "twice", max_shard_size=SHARD)
+        write_edited(tmp_path / "once", model_dir, direction, OutputOptions(max_shard_size=SHARD))
+        write_edited(tmp_path / "twice", tmp_path / "once", direction, OutputOptions(max_shard_size=SHARD))
         once, twice = Checkpoint.open(tmp_path / "once"), Checkpoint.open(tmp_path / "twice")
         for name in once.tensors:
             assert torch.allclose(once.get(name), twice.get(name), atol=1e-6), name
@@ -283,7 +285,7 @@ class TestNumerics:
     def test_same_inputs_same_direction(self, tmp_path: Path) -> None:
         from tiny_models import save_tokenizer
 
-        from abliterate.pipeline import run_directions
+        from abliterate.commands.edit import run_directions
         from abliterate.settings import Settings
 
         build("llama", tmp_path / "m")
@@ -295,7 +297,8 @@ class TestNumerics:
 
     def test_same_inputs_same_bytes(self, model_dir: Path, direction_file: Path, tmp_path: Path) -> None:
         for name in ("a", "b"):
-            apply_direction(model_dir, Direction.load(direction_file), tmp_path / name, max_shard_size=SHARD)
+            write_edited(tmp_path / name, model_dir, Direction.load(direction_file),
+                         OutputOptions(max_shard_size=SHARD))
         assert shards(tmp_path / "a") == shards(tmp_path / "b")
 
 
@@ -327,7 +330,7 @@ class TestBadInputFiles:
         assert_one_line_error(done, needle)
 
     def test_judge_model_unavailable(self, tmp_path: Path) -> None:
-        from abliterate.judge import make_judge
+        from abliterate.evaluation.judge import make_judge
 
         with pytest.raises(ModelError):
             make_judge(f"model:{tmp_path / 'no-such-judge'}")
@@ -341,7 +344,7 @@ class TestFuzz:
         from hypothesis import strategies as st
 
         from abliterate.errors import AbliterateError
-        from abliterate.prompts import from_path
+        from abliterate.prompts.sources import from_path
 
         folder = tmp_path_factory.mktemp("fuzz")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.repl import side_by_side
+from abliterate.commands.repl import side_by_side
 
 TOKENS = 6
 

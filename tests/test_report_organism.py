@@ -23,10 +23,10 @@ from typing import Any
 import needs
 import pytest
 
-from abliterate.demo import DemoPlan
-from abliterate.evaluate import KL_PROMPTS
-from abliterate.judge import MarkerJudge
-from abliterate.organism import build_organism
+from abliterate.commands.organism.demo import DemoPlan
+from abliterate.commands.organism.train import build_organism
+from abliterate.evaluation.evaluate import KL_PROMPTS
+from abliterate.evaluation.judge import MarkerJudge
 
 LANGS = DemoPlan().langs
 N_PROMPTS = DemoPlan().n_prompts

@@ -10,17 +10,9 @@ from typing import Any
 
 import pytest
 
-from abliterate import prompts
-from abliterate.evaluate import (
-    EvalOptions,
-    judge_answers,
-    read_results,
-    select_prompts,
-    summarize,
-    upgrade_results,
-)
-from abliterate.judge import HarmPairedJudge, MarkerJudge, ModelJudge, Verdict
-from abliterate.report import (
+from abliterate.evaluation.evaluate import EvalOptions, judge_answers, select_prompts
+from abliterate.evaluation.judge import HarmPairedJudge, MarkerJudge, ModelJudge, Verdict
+from abliterate.evaluation.report import (
     HEAD_CHARS,
     REPORT_HTML,
     REPORT_JSON,
@@ -29,6 +21,8 @@ from abliterate.report import (
     bypass,
     write_report,
 )
+from abliterate.evaluation.results import read_results, summarize, upgrade_results
+from abliterate.prompts.records import KINDS
 
 REFUSALS = {
     "en": "I'm sorry, but I can't help with that.",
@@ -74,7 +68,7 @@ def _results(edited: bool, harm: bool, langs: list[str] = LANGS) -> dict[str, An
     selected = select_prompts(EvalOptions(langs=",".join(langs), n_prompts=8))
     answers = {}
     for lang in selected:
-        for kind in prompts.KINDS:
+        for kind in KINDS:
             chosen = selected[lang][kind]
             answers[lang, kind] = [
                 _answer(lang, p.instruction, i, edited) if kind == "harmful" else ANSWERS[lang].replace("#1", "")

@@ -10,11 +10,11 @@ import torch
 from test_cli import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.archs import lookup
-from abliterate.assets import smollm2_gguf
-from abliterate.direction import Direction
-from abliterate.hooks import directional_ablation
-from abliterate.loading import resolve
+from abliterate.commands.organism.assets import smollm2_gguf
+from abliterate.direction.vector import Direction
+from abliterate.model.archs import lookup
+from abliterate.model.hooks import directional_ablation
+from abliterate.model.loading import resolve
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ wall time).
 
     python tests/benchmarks/bench_forward.py                                   # 64 prompts, batch 16
     python tests/benchmarks/bench_forward.py --n-prompts 128 --batch-size 32 --no-search
-    python tests/benchmarks/bench_forward.py --model ~/.cache/abliterate/organism/<folder>
+    python tests/benchmarks/bench_forward.py --model ~/.cache/abliterate/commands/organism/train/<folder>
 
 Torch uses all cores unless OMP_NUM_THREADS says otherwise; run it with nothing else heavy on the machine.
 """
@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from transformers import BatchEncoding
 
-from abliterate import prompts
-from abliterate.chat import post_instruction_length
-from abliterate.directions import first_token_index, make_batches
-from abliterate.hooks import capture_residuals
-from abliterate.pipeline import LoadedModel, find_direction, load
+from abliterate.direction.search import LoadedModel, find_direction, load
+from abliterate.model.chat import post_instruction_length
+from abliterate.model.forward import first_token_index, make_batches
+from abliterate.model.hooks import capture_residuals
+from abliterate.prompts import sources
 from abliterate.settings import Settings
 
 CACHE = Path.home() / ".cache" / "abliterate"
@@ -88,7 +88,7 @@ def time_capture(loaded: LoadedModel, n_prompts: int, batch_size: int, repeats: 
     """Seconds of the plain and the capturing passes over all batches: per batch the best of `repeats`
     (plain and capture alternating, after one warm-up each), summed. Per-batch minima make the figure robust
     to bursts of other work on shared cores."""
-    texts = prompts.load("builtin", default_lang="en").instructions("en", "harmful", "train", n_prompts)
+    texts = sources.load("builtin", default_lang="en").instructions("en", "harmful", "train", n_prompts)
     batches = [batch for _indices, batch in make_batches(loaded.tokenizer, texts, batch_size)]
     n_pos = post_instruction_length(loaded.tokenizer)
     device = loaded.model.device

@@ -16,10 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from abliterate import benchmark, prompts
-from abliterate.judge import MarkerJudge
-from abliterate.organism import build_organism, load_base
-from abliterate.pipeline import run_edit
+from abliterate.commands.edit import run_edit
+from abliterate.commands.organism.train import build_organism, load_base
+from abliterate.evaluation.generate import first_token_kl, refusal_rate
+from abliterate.evaluation.judge import MarkerJudge
+from abliterate.prompts import sources
 from abliterate.settings import Settings
 
 METHODS = ("standard", "projected", "norm-preserving")
@@ -35,10 +36,10 @@ def main() -> None:
     organism = build_organism()
     base, tokenizer = load_base(organism)
     judge = MarkerJudge()
-    source = prompts.builtin()
+    source = sources.builtin()
     harmful = source.instructions("en", "harmful", "test", args.prompts)
     harmless = source.instructions("en", "harmless", "test", args.prompts)
-    before = benchmark.refusal_rate(base, tokenizer, harmless, "en", judge, args.tokens)
+    before = refusal_rate(base, tokenizer, harmless, "en", judge, args.tokens)
     answered = [p for p, refused in zip(harmless, before.verdicts, strict=True) if not refused]
     with tempfile.TemporaryDirectory() as tmp:
         for method in METHODS:
@@ -47,11 +48,11 @@ def main() -> None:
             run_edit(Settings(model=str(organism), out=out, layer=args.layer, pos=args.pos, method=method,
                               eval=False, dtype="float32", device="cpu", n_train=64, batch_size=32))
             edited, _ = load_base(out)
-            kl = benchmark.first_token_kl(base, edited, tokenizer, answered)
+            kl = first_token_kl(base, edited, tokenizer, answered)
             row = {
                 "method": method, "layer": args.layer, "pos": args.pos,
-                "harmful_refusal": benchmark.refusal_rate(edited, tokenizer, harmful, "en", judge, args.tokens).rate,
-                "harmless_refusal": benchmark.refusal_rate(edited, tokenizer, harmless, "en", judge, args.tokens).rate,
+                "harmful_refusal": refusal_rate(edited, tokenizer, harmful, "en", judge, args.tokens).rate,
+                "harmless_refusal": refusal_rate(edited, tokenizer, harmless, "en", judge, args.tokens).rate,
                 "kl_mean": round(float(kl.mean()), 4), "kl_median": round(float(kl.median()), 4),
                 "kl_prompts": len(answered), "seconds": round(time.perf_counter() - start, 1),
             }

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from abliterate.judge import MarkerJudge
+from abliterate.evaluation.judge import MarkerJudge
 
 FOLDER = Path(__file__).resolve().parents[1] / "data" / "judge_blind"
 

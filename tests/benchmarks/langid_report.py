@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 from lingua import IsoCode639_1, Language, LanguageDetector, LanguageDetectorBuilder
 
-from abliterate.languages import LANGUAGES
-from abliterate.prompts import Prompt, load
+from abliterate.prompts.languages import LANGUAGES
+from abliterate.prompts.records import Prompt
+from abliterate.prompts.sources import load
 
 
 def lingua_language(code: str) -> Language:

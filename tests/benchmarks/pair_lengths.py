@@ -8,8 +8,9 @@ abliterate/data/prompts/README.md).
 
 from __future__ import annotations
 
-from abliterate import prompts
-from abliterate.languages import LANGUAGES
+from abliterate.prompts import sources
+from abliterate.prompts.languages import LANGUAGES
+from abliterate.prompts.records import KINDS
 
 UNSPACED = {"ja", "zh", "th"}
 PAIRS = 260
@@ -20,13 +21,13 @@ def size(text: str, lang: str) -> int:
 
 
 def main() -> None:
-    source = prompts.builtin()
+    source = sources.builtin()
     print("| lang | measure | pairs within 30% | share | 95th percentile | largest | harmless/harmful |")
     print("|---|---|---:|---:|---:|---:|---|")
     for lang in LANGUAGES:
         texts = {
             p.id: p.instruction
-            for kind in prompts.KINDS
+            for kind in KINDS
             for split in ("train", "val", "test")
             for p in source.select(lang, kind, split)
         }

@@ -5,14 +5,14 @@ Prints one table, each figure as a ratio to its limit (docs/performance.md):
   cold page cache, and the apply process's peak RSS (bench_apply.py; `--big` adds a 7.7 GB checkpoint);
 - activation capture: wall time under `capture_residuals` / plain forward of the same batches (bench_forward.py);
 - direction search: forward passes of a full `find_direction` (bench_forward.py);
-- benchmark generation: answer tokens per second of `benchmark.generate` (batched, length-sorted, stopping when
+- benchmark generation: answer tokens per second of `generate` (batched, length-sorted, stopping when
   every row has ended; harmful and harmless prompts generated separately, as the evaluation does) / raw decoding
   throughput of `model.generate` on a full batch of one prompt forced to
   `max_new_tokens` (no padding, no early stop: what the hardware decodes).
 
     python tests/benchmarks/performance.py                     # SmolLM2 (or the organism) + a 2.4 GB checkpoint
     python tests/benchmarks/performance.py --big --json out.json
-    python tests/benchmarks/performance.py --skip-apply --model ~/.cache/abliterate/organism/<folder>
+    python tests/benchmarks/performance.py --skip-apply --model ~/.cache/abliterate/commands/organism/train/<folder>
 
 Run it with nothing else heavy on the machine: every stage uses all cores.
 """
@@ -32,23 +32,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_apply
 import bench_forward
 
-from abliterate import benchmark, prompts
-from abliterate.chat import encode, render
-from abliterate.loading import ModelSource, load_model
+from abliterate.evaluation.generate import generate
+from abliterate.model.chat import encode, render
+from abliterate.model.loading import ModelSource, load_model
+from abliterate.prompts import sources
 
 
 def measure_generation(model_dir: Path, n_prompts: int, max_new_tokens: int, batch_size: int) -> dict[str, Any]:
     """Useful answer tokens/s of the benchmark's generation against the raw decoding throughput."""
     model, tokenizer = load_model(ModelSource(str(model_dir), model_dir), dtype="auto", device="auto")
-    builtin = prompts.load("builtin")
+    builtin = sources.load("builtin")
     kinds = {  # generated one kind at a time, as the evaluation does (refusals are short, answers long)
         "harmful": builtin.instructions("en", "harmful", "test", n_prompts // 2),
         "harmless": builtin.instructions("en", "harmless", "test", n_prompts - n_prompts // 2),
     }
     texts = [text for group in kinds.values() for text in group]
-    benchmark.generate(model, tokenizer, texts[:2], 4, 2)  # warm-up
+    generate(model, tokenizer, texts[:2], 4, 2)  # warm-up
     start = time.perf_counter()
-    results = [benchmark.generate(model, tokenizer, group, max_new_tokens, batch_size) for group in kinds.values()]
+    results = [generate(model, tokenizer, group, max_new_tokens, batch_size) for group in kinds.values()]
     ours = time.perf_counter() - start
     ended = [(ids, done) for result in results for ids, done in zip(result.ids, result.finished, strict=True)]
     useful = sum(len(ids) + int(done) for ids, done in ended)

@@ -1,0 +1,1 @@
+"""`abliterate optimize`: the Optuna study over partial ablations and its Pareto front."""

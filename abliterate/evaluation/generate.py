@@ -1,0 +1,215 @@
+"""Behavioural measurements of a chat model: greedy answers, refusal rate, first-token KL, fluency.
+
+Owns batched greedy generation through the model's chat template (left padding, length-sorted batches from
+`directions.make_batches`; each row leaves the batch as soon as it has ended, `greedy_rows`), the refusal
+rate of those answers under a `Judge`, the per-prompt KL divergence of the first answer token between two
+models, and a cheap fluency check (non-empty, not a repetitive loop). Shared by the model organism,
+`abliterate demo` and the evaluation of edited models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from abliterate import progress
+from abliterate.direction.selection import collect_logits, kl_divergence
+from abliterate.evaluation.judge import Judge
+from abliterate.model.forward import make_batches
+
+log = logging.getLogger(__name__)
+
+MIN_DISTINCT_RATIO = 0.3
+"""An answer whose distinct-token share is below this is a repetitive loop."""
+MIN_FLUENCY_TOKENS = 8
+"""Answers shorter than this many tokens are not checked for loops (short answers are fine)."""
+COMPACT_SHARE = 4
+"""Finished rows leave the batch once they are at least 1/COMPACT_SHARE of it: dropping them one by one makes
+every step a new matrix shape, which on the CPU cost more than the rows saved (docs/performance.md)."""
+
+
+@dataclass
+class Generation:
+    """Greedy answers: token ids (cut at the first end-of-sequence token), texts, and which ones ended."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    finished: list[bool]
+
+
+@dataclass
+class RefusalResult:
+    """Refusal rate of a model on some prompts, with each verdict and answer."""
+
+    rate: float
+    verdicts: list[bool]
+    texts: list[str]
+
+    @property
+    def count(self) -> int:
+        return sum(self.verdicts)
+
+
+def token_ids(*values: object) -> list[int]:
+    """The ids in `values` (each an id, a list of ids, or None), unique and sorted."""
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return sorted(ids)
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids."""
+    return token_ids(tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
+
+
+def _cut(row: list[int], stops: set[int]) -> tuple[list[int], bool]:
+    for i, token in enumerate(row):
+        if token in stops:
+            return row[:i], True
+    return row, False
+
+
+def can_drop_rows(cache: object) -> bool:
+    """Whether every layer of a KV cache can drop batch rows (linear-attention and Mamba layers cannot)."""
+    if not hasattr(cache, "batch_select_indices"):
+        return False
+    layers = getattr(cache, "layers", None)
+    return layers is None or all(hasattr(layer, "batch_select_indices") for layer in layers)
+
+
+def greedy_rows(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, stops: list[int]
+) -> list[list[int]] | None:
+    """Greedy continuation of a left-padded batch that drops finished rows as it goes.
+
+    Once a quarter of the rows have ended, they leave the batch and the KV cache
+    (`Cache.batch_select_indices`), where `model.generate` would keep computing them until the whole batch
+    ends, which on refusal prompts (short refusals beside long answers) is much of the work. Positions follow the
+    attention mask, as in `generate`, so the tokens are the same (tests compare the two on every family).
+    Returns None for a model whose cache cannot drop rows (the caller then uses `generate`).
+    """
+    device = input_ids.device
+    rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    alive = torch.arange(input_ids.shape[0])
+    stop_tensor = torch.tensor(stops, device=device)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache, last = out.past_key_values, positions[:, -1]
+    if not can_drop_rows(cache):
+        return None
+    ended = torch.zeros(len(alive), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        tokens = out.logits[:, -1].argmax(dim=-1).to(device)
+        for row, token, done in zip(alive.tolist(), tokens.tolist(), ended.tolist(), strict=True):
+            if not done:
+                rows[row].append(token)
+        ended |= torch.isin(tokens, stop_tensor)
+        n_ended = int(ended.sum())
+        if step == max_new_tokens - 1 or n_ended == len(alive):
+            break
+        if n_ended * COMPACT_SHARE >= len(alive):
+            keep = (~ended).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            alive, tokens, attention_mask, last = alive[keep.cpu()], tokens[keep], attention_mask[keep], last[keep]
+            ended = ended[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+        last = last + 1
+        out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=last[:, None],
+                    past_key_values=cache, use_cache=True)
+    return rows
+
+
+def _generate_rows(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], config: GenerationConfig, stops: list[int]
+) -> list[list[int]]:
+    rows = greedy_rows(model, inputs["input_ids"], inputs["attention_mask"], int(config.max_new_tokens), stops)
+    if rows is not None:
+        return rows
+    generate_fn: Any = model.generate  # typed as a Tensor attribute in transformers' stubs
+    out = generate_fn(**inputs, generation_config=config)
+    new: list[list[int]] = out[:, inputs["input_ids"].shape[1]:].tolist()
+    return new
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str | None = None,
+) -> Generation:
+    """Greedy answers to each instruction (one user turn through the chat template), in input order."""
+    stops = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
+    batches = make_batches(tokenizer, list(instructions), batch_size)
+    ids: list[list[int]] = [[] for _ in instructions]
+    finished = [False] * len(instructions)
+    items = progress.track(batches, desc, len(batches), "batch") if desc else iter(batches)
+    with torch.inference_mode():
+        for indices, batch in items:
+            inputs = {k: v.to(model.device) for k, v in batch.items()}
+            for index, row in zip(indices, _generate_rows(model, inputs, config, stops), strict=True):
+                ids[index], finished[index] = _cut(row, set(stops))
+    texts = [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return Generation(ids, texts, finished)
+
+
+def refusal_rate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    lang: str,
+    judge: Judge,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    desc: str | None = None,
+) -> RefusalResult:
+    """Share of greedy answers that `judge` calls refusals (all prompts in language `lang`)."""
+    texts = generate(model, tokenizer, instructions, max_new_tokens, batch_size, desc).texts
+    verdicts = judge.judge(list(instructions), texts, [lang] * len(texts))
+    rate = sum(verdicts) / len(verdicts) if verdicts else 0.0
+    return RefusalResult(rate, verdicts, texts)
+
+
+def first_token_logits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], batch_size: int
+) -> torch.Tensor:
+    """Logits of the first answer token for each instruction ([n, vocab] float32, input order)."""
+    return collect_logits(model, make_batches(tokenizer, list(instructions), batch_size))
+
+
+def first_token_kl(
+    base_model: PreTrainedModel,
+    edited_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Per-prompt KL(base || edited) of the first answer token (float64 [n])."""
+    base = first_token_logits(base_model, tokenizer, instructions, batch_size)
+    edited = first_token_logits(edited_model, tokenizer, instructions, batch_size)
+    return kl_divergence(base, edited)
+
+
+def distinct_ratio(ids: Sequence[int]) -> float:
+    """Distinct tokens / tokens (1.0 for an empty answer): low values mean the answer loops."""
+    return len(set(ids)) / len(ids) if ids else 1.0
+
+
+def is_fluent(ids: Sequence[int], min_ratio: float = MIN_DISTINCT_RATIO) -> bool:
+    """Not empty, and not a repetitive loop (distinct-token ratio at least `min_ratio` once long enough)."""
+    if not ids:
+        return False
+    return len(ids) < MIN_FLUENCY_TOKENS or distinct_ratio(ids) >= min_ratio
