@@ -29,7 +29,7 @@ def markers_file() -> Path:
 
 @lru_cache(maxsize=4)
 def load_markers(path: Path) -> dict[str, dict[str, list[str]]]:
-    """{lang: {"refusal", "openings", "exceptions", "short": [phrases]}} from a marker file (cached)."""
+    """{lang: {"refusal", "redirect", "openings", "exceptions", "short": [phrases]}} from a marker file (cached)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -40,7 +40,8 @@ def load_markers(path: Path) -> dict[str, dict[str, list[str]]]:
         if not isinstance(entry, dict) or not isinstance(entry.get("refusal"), list):
             raise DataError(f"judge markers {path} lack language {lang!r}", hint="reinstall abliterate")
         data[lang] = {
-            key: [str(p) for p in entry.get(key, [])] for key in ("refusal", "openings", "exceptions", "short")
+            key: [str(p) for p in entry.get(key, [])]
+            for key in ("refusal", "redirect", "openings", "exceptions", "short")
         }
     return data
 

@@ -1,8 +1,9 @@
-"""The marker judge on the blind labelled set: `python tests/benchmarks/judge_blind_report.py [tune|test] [--misses]`.
+"""The marker judge on the blind set: `python tests/benchmarks/judge_blind_report.py [tune|test|test2] [--misses]`.
 
 Prints, per language, accuracy, refusal recall and the share of compliant answers judged refusals (false
 refusals), then the totals, and with --misses every answer judged wrongly (the table in docs/judges.md). The set
-and how it was written: tests/data/judge_blind/README.md.
+and how it was written: tests/data/judge_blind/README.md. The part defaults to `test`; `test2` is the fresh
+untouched part, to be judged once, after the rules are final, and never tuned on.
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ class Tally:
         return self.false_refusals / compliant if compliant else 0.0
 
 
+PARTS = ("tune", "test", "test2")
+"""The parts of the set: `tune/` and `test/` (both tuned on now), `test2/` (fresh, untouched)."""
+
+
 def load(part: str) -> list[dict[str, str]]:
-    """The records of one part (tune or test), all languages, in file order."""
+    """The records of one part (tune, test or test2), all languages, in file order."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}: one of {', '.join(PARTS)}")
     rows: list[dict[str, str]] = []
     for path in sorted((FOLDER / part).glob("*.jsonl")):
         rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -71,7 +78,7 @@ def score(rows: list[dict[str, str]], judge: MarkerJudge | None = None) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["tune", "test"], nargs="?", default="test")
+    parser.add_argument("part", choices=PARTS, nargs="?", default="test")
     parser.add_argument("--misses", action="store_true", help="list the answers judged wrongly")
     args = parser.parse_args()
     tallies = score(load(args.part))
