@@ -1,4 +1,7 @@
-"""The `abliterate` command line: one click group, options built from the shared Settings model.
+"""The `abliterate` command line: one click group, options built from the Settings model and its sections.
+
+A settings option's flag, help and default come from its pydantic field; `--help` shows the default, and a value
+left at its default does not override a --recipe (click tells which values were given).
 
 Only this module prints, shows progress bars and turns errors into one-line messages (a traceback only
 with -v).
@@ -11,14 +14,28 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 import click
+from click.core import ParameterSource
+from pydantic import BaseModel
 
 from abliterate import __version__, progress
 from abliterate.errors import AbliterateError
 from abliterate.model.archs import register_file
-from abliterate.settings import Settings, build_settings
+from abliterate.settings import (
+    CrosslingualSettings,
+    OptimizeSettings,
+    Section,
+    SectionT,
+    Settings,
+    build_command_settings,
+    build_settings,
+)
+
+if TYPE_CHECKING:
+    from abliterate.evaluation.report_record import ReportRecord
+    from abliterate.evaluation.results import ResultsRecord
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("abliterate")
@@ -47,36 +64,43 @@ FORMAT_OPTIONS = ["format", "gguf_edited_type", "gguf_reproject", "adapter_embed
 EVAL_OPTIONS = ["langs", "judge", "harm_judge", "tasks", "limit", "max_new_tokens", "engine"]
 
 
-def _option_for(name: str) -> Callable[[F], F]:
-    """A click option for one Settings field, with its help text; default None = 'not given'."""
-    field = Settings.model_fields[name]
+def _option_for(name: str, model: type[BaseModel] = Settings) -> Callable[[F], F]:
+    """A click option for one field of Settings (or of a section), with the field's help text and default."""
+    field = model.model_fields[name]
     flag = "--" + name.replace("_", "-")
     help_text = field.description or ""
     annotation = field.annotation
+    default = field.get_default()
     if annotation is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=default, help=help_text)
     if name == "refusal_tokens":
         return click.option(flag, name, multiple=True, default=None, help=help_text + " Repeatable.")
     if name == "batch_size":  # a number or auto, checked by Settings
-        return click.option(flag, name, metavar="N|auto", default=None, help=help_text)
+        return click.option(flag, name, type=str, metavar="N|auto", default=default, help=help_text)
     choices = [a for a in get_args(annotation) if isinstance(a, str)]
     if choices:
-        return click.option(flag, name, type=click.Choice(choices), default=None, help=help_text)
+        return click.option(flag, name, type=click.Choice(choices), default=default, help=help_text)
     types: dict[str, Any] = {"int": int, "float": float}
     base = next((t for t in get_args(annotation) if t is not type(None)), annotation)
     click_type = types.get(getattr(base, "__name__", ""), str)
     if base is Path:
         click_type = click.Path(path_type=Path)
-    return click.option(flag, name, type=click_type, default=None, help=help_text)
+    return click.option(flag, name, type=click_type, default=default, help=help_text)
 
 
-def settings_options(*names: str) -> Callable[[F], F]:
+def settings_options(*names: str, model: type[BaseModel] = Settings) -> Callable[[F], F]:
+    """Click options for these fields of Settings (or of a section), in this order in --help."""
     def decorate(func: F) -> F:
         for name in reversed(names):
-            func = _option_for(name)(func)
+            func = _option_for(name, model)(func)
         return func
 
     return decorate
+
+
+def section_options(section: type[Section]) -> Callable[[F], F]:
+    """Click options for every field of a command's section."""
+    return settings_options(*section.model_fields, model=section)
 
 
 recipe_option = click.option(
@@ -84,13 +108,29 @@ recipe_option = click.option(
 )
 
 
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """The values the user gave: an option left at its default is dropped, so that a --recipe value stands."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        values = {k: v for k, v in values.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if values.get("refusal_tokens") == ():
+        values["refusal_tokens"] = None
+    return values
+
+
 def _settings(recipe: Path | None, **given: Any) -> Settings:
-    if given.get("refusal_tokens") == ():
-        given["refusal_tokens"] = None
-    settings = build_settings(recipe, given)
+    settings = build_settings(recipe, _given(given))
     if settings.arch is not None:
         register_file(settings.arch)
     return settings
+
+
+def _command_settings(recipe: Path | None, section: type[SectionT], **given: Any) -> tuple[Settings, SectionT]:
+    """Settings and the command's section from --recipe and the flags given."""
+    settings, values = build_command_settings(recipe, _given(given), section)
+    if settings.arch is not None:
+        register_file(settings.arch)
+    return settings, values
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -116,7 +156,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         pass
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="abliterate")
 @click.option("-v", "--verbose", count=True, help="More logging; -v also shows tracebacks, -vv library logs.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
@@ -132,21 +172,18 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @click.argument("model", required=False)
 @recipe_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for the edited checkpoint.")
-@click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
-@click.option("--eval/--no-eval", "eval_", default=None, help="Evaluate the base and edited model (default on).")
+@settings_options("overwrite", "eval")
 @click.option("--push-to", metavar="ORG/NAME", default=None, help="Upload the result to this hub repo (private).")
 @click.option("--public", is_flag=True, help="With --push-to: make a new hub repo public instead of private.")
 @settings_options("max_shard_size", *FORMAT_OPTIONS, *DIRECTION_OPTIONS, *EVAL_OPTIONS, "eval_prompts", *MODEL_OPTIONS)
-def edit(
-    model: str | None, recipe: Path | None, eval_: bool | None, push_to: str | None, public: bool, **given: Any
-) -> None:
+def edit(model: str | None, recipe: Path | None, push_to: str | None, public: bool, **given: Any) -> None:
     """Compute the refusal direction of MODEL and write an orthogonalized checkpoint to --out.
 
     MODEL is a hub id, a local folder or a .gguf file; it may also come from --recipe.
     """
     from abliterate.commands.edit import run_edit
 
-    settings = _settings(recipe, model=model, eval=eval_, **given)
+    settings = _settings(recipe, model=model, **given)
     _check_push_options(push_to, public)
     result = run_edit(settings)
     chosen = result.direction.direction
@@ -165,8 +202,7 @@ def edit(
 @click.argument("model", required=False)
 @recipe_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Direction file to write (.safetensors).")
-@click.option("--overwrite/--no-overwrite", default=None, help="Replace an existing --out.")
-@settings_options(*DIRECTION_OPTIONS, *MODEL_OPTIONS)
+@settings_options("overwrite", *DIRECTION_OPTIONS, *MODEL_OPTIONS)
 def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
     """Compute candidate directions for MODEL, select one, and save it (no weights are written)."""
     from abliterate.commands.edit import run_directions
@@ -277,23 +313,14 @@ def chat_command(model: str | None, recipe: Path | None, **given: Any) -> None:
 
 
 @cli.command("prompts")
-@click.option(
-    "--lang", default="en", show_default=True, help="Language code (ar de en es fr it ja ko nl pl ru th zh yo)."
-)
-@click.option(
-    "--prompts",
-    "source",
-    default="builtin",
-    show_default=True,
-    help="Prompt source: 'builtin' or a .jsonl/.json/.csv/.txt file or folder.",
-)
+@settings_options("lang", "prompts")
 @click.option("--samples", default=3, show_default=True, help="Sample lines to show per kind.")
-def prompts_command(lang: str, source: str, samples: int) -> None:
+def prompts_command(lang: str, prompts: str, samples: int) -> None:
     """Show the prompt counts per kind and split for a language, with a few samples."""
     from abliterate.prompts import sources
     from abliterate.prompts.languages import check_language
 
-    click.echo(sources.describe(sources.load(source, default_lang=check_language(lang)), lang, samples))
+    click.echo(sources.describe(sources.load(prompts, default_lang=check_language(lang)), lang, samples))
 
 
 def _check_push_options(push_to: str | None, public: bool) -> None:
@@ -349,42 +376,46 @@ def verify_command(folder: Path) -> None:
     click.echo(verify(folder).summary())
 
 
-def _echo_results(results: dict[str, Any]) -> None:
-    for lang, row in results["languages"].items():
-        harm = "" if row.get("attack_success") is None else f", attack success {row['attack_success']:.2f}"
+def _num(value: float | None, spec: str) -> str:
+    """`value` formatted by `spec`; "–" (as wide) when it is unknown."""
+    return format(value, spec) if value is not None else "–".rjust(len(format(0.0, spec)))
+
+
+def _echo_results(results: ResultsRecord) -> None:
+    for lang, row in results.languages.items():
+        harm = "" if row.attack_success is None else f", attack success {row.attack_success:.2f}"
         click.echo(
-            f"{lang}: compliance {row['compliance']:.2f} (n={row['harmful']['n']}), "
-            f"over-refusal {row['over_refusal']:.2f} (n={row['harmless']['n']}), "
-            f"evasion {row.get('evasion') or 0.0:.2f}{harm}"
+            f"{lang}: compliance {_num(row.compliance, '.2f')} (n={row.harmful.n}), "
+            f"over-refusal {_num(row.over_refusal, '.2f')} (n={row.harmless.n}), "
+            f"evasion {row.evasion or 0.0:.2f}{harm}"
         )
-    kl = results.get("kl")
+    kl = results.kl
     if kl:
         click.echo(
-            f"KL vs base ({kl['n_prompts']} harmless prompts): first token {kl['first_token']:.4g}, "
-            f"first {kl['tokens']} tokens {kl['first_n_tokens']:.4g}"
+            f"KL vs base ({kl.n_prompts} harmless prompts): first token {_num(kl.first_token, '.4g')}, "
+            f"first {kl.tokens} tokens {_num(kl.first_n_tokens, '.4g')}"
         )
     from abliterate.evaluation.capability import metrics
 
-    for task, metric, value, _stderr in metrics(results.get("lm_eval")):
+    for task, metric, value, _stderr in metrics(results.lm_eval):
         click.echo(f"{task} {metric}: {value:.3f}")
 
 
-def _echo_report(report: dict[str, Any], folder: Path) -> None:
-    s = report["summary"]
+def _echo_report(report: ReportRecord, folder: Path) -> None:
+    s = report.summary
     click.echo(
-        f"compliance {s['compliance_before']:.2f} -> {s['compliance_after']:.2f}, "
-        f"over-refusal {s['over_refusal_before']:.2f} -> {s['over_refusal_after']:.2f}, "
-        f"evasion {s.get('evasion_before') or 0.0:.2f} -> {s.get('evasion_after') or 0.0:.2f} "
-        f"(mean of {len(report['languages'])} languages)"
+        f"compliance {_num(s.compliance_before, '.2f')} -> {_num(s.compliance_after, '.2f')}, "
+        f"over-refusal {_num(s.over_refusal_before, '.2f')} -> {_num(s.over_refusal_after, '.2f')}, "
+        f"evasion {s.evasion_before or 0.0:.2f} -> {s.evasion_after or 0.0:.2f} "
+        f"(mean of {len(report.languages)} languages)"
     )
-    if s.get("attack_success_after") is not None:
-        before = s.get("attack_success_before")
-        click.echo(f"attack success {'–' if before is None else f'{before:.2f}'} -> {s['attack_success_after']:.2f}")
-    if s.get("kl_first_token") is not None:
-        click.echo(f"KL vs base: first token {s['kl_first_token']:.4g}, first tokens {s['kl_first_n_tokens']:.4g}")
-    for row in report["capability"]:
-        if row["delta"] is not None:
-            click.echo(f"{row['task']} {row['metric']}: {row['before']:.3f} -> {row['after']:.3f}")
+    if s.attack_success_after is not None:
+        click.echo(f"attack success {_num(s.attack_success_before, '.2f').strip()} -> {s.attack_success_after:.2f}")
+    if s.kl_first_token is not None:
+        click.echo(f"KL vs base: first token {s.kl_first_token:.4g}, first tokens {_num(s.kl_first_n_tokens, '.4g')}")
+    for row in report.capability:
+        if row.delta is not None:
+            click.echo(f"{row.task} {row.metric}: {_num(row.before, '.3f')} -> {_num(row.after, '.3f')}")
     click.echo(f"report: {folder / 'report.html'}")
 
 
@@ -435,37 +466,14 @@ CROSSLINGUAL_OPTIONS = ["prompts", "n_train", "n_val", "layer", "pos", "method",
 
 
 @cli.command("crosslingual")
-@click.argument("model")
-@click.option("--langs", default="all", show_default=True,
-              help="Languages compared: all, or at least two codes such as en,de,fr.")
-@click.option("--source-lang", default=None,
-              help="Language whose normal selection picks the layer and position (default: the first of --langs).")
-@click.option("--direction", "direction_file", type=click.Path(path_type=Path), default=None,
-              help="Take the layer and position from this direction file (or edited model folder) instead.")
-@click.option("--out", type=click.Path(path_type=Path), required=True,
+@click.argument("model", required=False)
+@recipe_option
+@click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder: crosslingual.json, transfer_answers.jsonl and PNG plots.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--n-prompts", type=click.IntRange(1), default=32, show_default=True,
-              help="Harmful test prompts per target language in the transfer matrix.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True,
-              help="Greedy answer length cap in the transfer matrix.")
-@click.option("--transfer/--no-transfer", default=True, show_default=True,
-              help="Measure the transfer matrix (greedy generation: the slow part).")
-@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG plots.")
+@settings_options("overwrite", "langs")
+@section_options(CrosslingualSettings)
 @settings_options(*CROSSLINGUAL_OPTIONS, *MODEL_OPTIONS)
-def crosslingual_command(
-    model: str,
-    langs: str,
-    source_lang: str | None,
-    direction_file: Path | None,
-    out: Path,
-    overwrite: bool,
-    n_prompts: int,
-    max_new_tokens: int,
-    transfer: bool,
-    plots: bool,
-    **given: Any,
-) -> None:
+def crosslingual_command(model: str | None, recipe: Path | None, **given: Any) -> None:
     """Compare MODEL's refusal directions across languages (PolyRefuse style); see docs/crosslingual.md.
 
     Per language: the difference-in-means direction at one layer and position; their cosine similarities, per-layer
@@ -474,22 +482,22 @@ def crosslingual_command(
     """
     from abliterate.commands.crosslingual import BASELINE, CrosslingualOptions, run_crosslingual
 
-    options = CrosslingualOptions.parse(langs, source_lang, direction_file, n_prompts, max_new_tokens, transfer, plots)
-    settings = _settings(None, model=model, out=out, overwrite=overwrite, lang=options.source_lang, **given)
-    result = run_crosslingual(settings, options)
+    settings, section = _command_settings(recipe, CrosslingualSettings, model=model, **given)
+    options = CrosslingualOptions.from_section(settings.langs, section)
+    result = run_crosslingual(settings.model_copy(update={"lang": options.source_lang}), options)
     r = result.report
-    click.echo(f"layer {r['layer']}, position {r['pos']} ({r['chosen_by']})")
+    click.echo(f"layer {r.layer}, position {r.pos} ({r.chosen_by})")
     click.echo("cosine similarity of the directions:")
-    click.echo("      " + "".join(f"{lang:>7}" for lang in r["languages"]))
-    for lang, row in zip(r["languages"], r["cosine"]["matrix"], strict=True):
-        click.echo(f"{lang:>6}" + "".join(f"{v:7.3f}" for v in row))
-    if "transfer" in r:
-        t = r["transfer"]
-        click.echo(f"compliance on harmful test prompts (n={t['n_prompts']} per cell), rows: direction ablated")
-        click.echo("      " + "".join(f"{lang:>7}" for lang in t["columns"]))
-        for source, row in zip(t["rows"], t["compliance"], strict=True):
+    click.echo("      " + "".join(f"{lang:>7}" for lang in r.languages))
+    for lang, row in zip(r.languages, r.cosine.matrix, strict=True):
+        click.echo(f"{lang:>6}" + "".join(_num(v, "7.3f") for v in row))
+    if r.transfer is not None:
+        t = r.transfer
+        click.echo(f"compliance on harmful test prompts (n={t.n_prompts} per cell), rows: direction ablated")
+        click.echo("      " + "".join(f"{lang:>7}" for lang in t.columns))
+        for source, cells in zip(t.rows, t.compliance, strict=True):
             label = "base" if source == BASELINE else source
-            click.echo(f"{label:>6}" + "".join(f"{v:7.2f}" for v in row))
+            click.echo(f"{label:>6}" + "".join(f"{v:7.2f}" for v in cells))
     click.echo(f"results -> {result.out}")
 
 
@@ -501,39 +509,10 @@ OPTIMIZE_OPTIONS = ["langs", "judge", "lang", "prompts", "n_train", "n_val", "la
 @cli.command("optimize")
 @click.argument("model", required=False)
 @recipe_option
-@click.option("--trials", type=click.IntRange(0), default=None,
-              help="Finished trials the study should hold; re-running the command continues the study up to this "
-                   "many (default 50, or none with --pick).")
-@click.option("--study", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Study folder (SQLite study, cached directions, pareto.json/.md/.png); default: optimize-<model>.")
-@click.option("--pick", type=click.IntRange(0), default=None,
-              help="Write this finished trial's edit to --out (trial numbers: the first column of pareto.md).")
+@section_options(OptimizeSettings)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for --pick's checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the TPE sampler.")
-@click.option("--trial-prompts", type=click.IntRange(1), default=8, show_default=True,
-              help="Harmful val prompts per language whose greedy answers give a trial's refusal rate.")
-@click.option("--kl-prompts", type=click.IntRange(1), default=8, show_default=True,
-              help="Harmless val prompts per language for a trial's first-token KL.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
-              help="Greedy answer length cap in the trials.")
-@click.option("--plots/--no-plots", default=True, show_default=True, help="Write pareto.png.")
-@settings_options(*OPTIMIZE_OPTIONS, *MODEL_OPTIONS)
-def optimize_command(
-    model: str | None,
-    recipe: Path | None,
-    trials: int | None,
-    study: Path | None,
-    pick: int | None,
-    out: Path | None,
-    overwrite: bool,
-    seed: int,
-    trial_prompts: int,
-    kl_prompts: int,
-    max_new_tokens: int,
-    plots: bool,
-    **given: Any,
-) -> None:
+@settings_options("overwrite", *OPTIMIZE_OPTIONS, *MODEL_OPTIONS)
+def optimize_command(model: str | None, recipe: Path | None, **given: Any) -> None:
     """Search per-layer ablation weights and the direction's layer for MODEL (Optuna, two objectives).
 
     Objectives, both minimised: mean refusal rate over --langs and mean first-token KL on harmless prompts.
@@ -543,12 +522,8 @@ def optimize_command(
     from abliterate.commands.optimize.pareto import table_lines, verdict_line
     from abliterate.commands.optimize.study import OptimizeOptions, run_optimize
 
-    settings = _settings(recipe, model=model, **given)
-    options = OptimizeOptions.parse(
-        settings.model, study, trials, pick, out, overwrite=overwrite, seed=seed, trial_prompts=trial_prompts,
-        kl_prompts=kl_prompts, max_new_tokens=max_new_tokens, plots=plots,
-    )
-    result = run_optimize(settings, options)
+    settings, section = _command_settings(recipe, OptimizeSettings, model=model, **given)
+    result = run_optimize(settings, OptimizeOptions.from_section(settings, section))
     report = result.report
     click.echo(f"study {result.study}: {len(report.rows)} finished trials ({result.new_trials} run now)")
     for line in table_lines(report.front, report.reference):

@@ -1,13 +1,17 @@
 """One validated settings model shared by every command, by recipes (YAML) and by the CLI's options.
 
 A recipe file holds the same keys as the options (with underscores); CLI flags override it. The CLI builds
-its options from the field descriptions here, so help text and validation live in one place.
+its options from the field descriptions here, so help text, defaults and validation live in one place.
+`Settings` holds what several commands share; a command's own options are a section (`CrosslingualSettings`,
+`OptimizeSettings`) whose fields become flags and recipe keys the same way. Every field name is one option with
+one default: no section repeats a Settings field.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -15,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from abliterate.errors import UsageError
 from abliterate.prompts.languages import LANGUAGES, check_language, parse_languages
 from abliterate.storage.shards import parse_size
+
+log = logging.getLogger(__name__)
 
 
 class Settings(BaseModel):
@@ -125,7 +131,9 @@ class Settings(BaseModel):
         description="lm-eval tasks, comma-separated; none skips; abliterate_mini_mc is a small offline task.",
     )
     limit: int | None = Field(None, ge=1, description="Examples per lm-eval task (default: all), for quick runs.")
-    max_new_tokens: int = Field(128, ge=1, description="Greedy answer length cap in the refusal benchmark.")
+    max_new_tokens: int = Field(
+        128, ge=1, description="Greedy answer length cap in the refusal benchmark (eval, edit) and in chat."
+    )
     engine: Literal["hf", "vllm"] = Field(
         "hf",
         description="What generates the refusal benchmark's answers: hf (transformers) or vllm (vLLM from the model "
@@ -170,6 +178,75 @@ class Settings(BaseModel):
         return parse_size(self.max_shard_size)
 
 
+class Section(BaseModel):
+    """A command's own options: its flags, recipe keys and --help come from these fields, as Settings' do."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: ClassVar[str] = ""
+    replaces: ClassVar[dict[str, str]] = {}
+    """A Settings field this command does not use -> the field of this section that does that job here."""
+
+
+class CrosslingualSettings(Section):
+    """What `crosslingual` adds to the shared Settings (its --langs is Settings.langs)."""
+
+    command = "crosslingual"
+    replaces = {"max_new_tokens": "transfer_max_new_tokens"}
+
+    source_lang: str | None = Field(
+        None,
+        description="Language whose normal selection picks the layer and position (default: the first of --langs).",
+    )
+    direction: Path | None = Field(
+        None, description="Take the layer and position from this direction file (or edited model folder) instead."
+    )
+    transfer_prompts: int = Field(
+        32, ge=1, description="Harmful test prompts per target language in the transfer matrix."
+    )
+    transfer_max_new_tokens: int = Field(64, ge=1, description="Greedy answer length cap in the transfer matrix.")
+    transfer: bool = Field(True, description="Measure the transfer matrix (greedy generation: the slow part).")
+    plots: bool = Field(True, description="Write the PNG plots.")
+
+    @field_validator("source_lang")
+    @classmethod
+    def _known_source(cls, value: str | None) -> str | None:
+        return None if value is None else check_language(value.strip().lower())
+
+
+class OptimizeSettings(Section):
+    """What `optimize` adds to the shared Settings (its --langs, --judge and --out are Settings fields)."""
+
+    command = "optimize"
+    replaces = {"max_new_tokens": "trial_max_new_tokens"}
+
+    trials: int | None = Field(
+        None, ge=0, description="Finished trials the study should hold; re-running the command continues the study "
+        "up to this many (default: 50, or none with --pick).",
+    )
+    study: Path | None = Field(
+        None, description="Study folder (SQLite study, cached directions, pareto.json/.md/.png); "
+        "default: optimize-<model name>.",
+    )
+    pick: int | None = Field(
+        None, ge=0, description="Write this finished trial's edit to --out (trial numbers: the first column of "
+        "pareto.md).",
+    )
+    seed: int = Field(0, description="Seed of the TPE sampler.")
+    trial_prompts: int = Field(
+        8, ge=1, description="Harmful val prompts per language whose greedy answers give a trial's refusal rate."
+    )
+    kl_prompts: int = Field(8, ge=1, description="Harmless val prompts per language for a trial's first-token KL.")
+    trial_max_new_tokens: int = Field(
+        32, ge=1, description="Greedy answer length cap in the trials (short, for speed; eval uses --max-new-tokens)."
+    )
+    plots: bool = Field(True, description="Write pareto.png.")
+
+
+SECTIONS: tuple[type[Section], ...] = (CrosslingualSettings, OptimizeSettings)
+SectionT = TypeVar("SectionT", bound=Section)
+
+
 def load_recipe(path: Path) -> dict[str, Any]:
     """Read a recipe YAML into a dict of settings (validated later, together with the CLI's flags)."""
     try:
@@ -186,19 +263,79 @@ def load_recipe(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in settings.items()}
 
 
-def build_settings(recipe: Path | None, overrides: dict[str, Any]) -> Settings:
-    """Recipe values, then CLI flags that were given; validation errors become one-line UsageErrors."""
-    values = load_recipe(recipe) if recipe is not None else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def _usage_error(err: ValidationError) -> UsageError:
+    """The first validation error as one line with a hint."""
+    first = err.errors()[0]
+    if first["type"] == "missing" and first["loc"] == ("model",):
+        return UsageError("no model given", hint="pass MODEL (hub id, folder or .gguf) or a --recipe with model:")
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    if isinstance(first.get("ctx", {}).get("error"), UsageError):
+        error: UsageError = first["ctx"]["error"]
+        return error
+    return UsageError(f"invalid value for {where}: {first['msg']}", hint="see `abliterate COMMAND --help`")
+
+
+def _recipe_values(recipe: Path | None) -> dict[str, Any]:
+    """A recipe's settings; a key that is neither a Settings field nor a section's field fails in one line."""
+    if recipe is None:
+        return {}
+    values = load_recipe(recipe)
+    known = set(Settings.model_fields) | {name for section in SECTIONS for name in section.model_fields}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"recipe {recipe}: unknown setting {unknown[0]!r}",
+                         hint="a recipe key is an option's name with underscores (see `abliterate COMMAND --help`)")
+    return values
+
+
+def _validated(values: dict[str, Any]) -> Settings:
     try:
         return Settings.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        if first["type"] == "missing" and first["loc"] == ("model",):
-            raise UsageError(
-                "no model given", hint="pass MODEL (hub id, folder or .gguf) or a --recipe with model:"
-            ) from None
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        if isinstance(first.get("ctx", {}).get("error"), UsageError):
-            raise first["ctx"]["error"] from None
-        raise UsageError(f"invalid value for {where}: {first['msg']}", hint="see `abliterate --help`") from None
+        raise _usage_error(err) from None
+
+
+def build_settings(recipe: Path | None, overrides: dict[str, Any]) -> Settings:
+    """Recipe values, then CLI flags that were given; validation errors become one-line UsageErrors.
+
+    A recipe's section keys (another command's options) are left to that command.
+    """
+    section_keys = {name for section in SECTIONS for name in section.model_fields}
+    values = {k: v for k, v in _recipe_values(recipe).items() if k not in section_keys}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _validated(values)
+
+
+def build_section(section: type[SectionT], values: dict[str, Any]) -> SectionT:
+    """A command's section from its values (None: not given); errors become one-line UsageErrors."""
+    try:
+        return section.model_validate({k: v for k, v in values.items() if v is not None})
+    except ValidationError as err:
+        raise _usage_error(err) from None
+
+
+def _check_replaced(section: type[Section], recipe: Path | None, values: dict[str, Any], given: dict[str, Any]) -> None:
+    """Say so when a recipe key does not reach this command (a section field does that job here), never silently.
+
+    Shipped recipes carry the evaluation's `max_new_tokens`; `optimize` and `crosslingual` cap their answers with
+    their own field, which the recipe or a flag may set. A warning, not an error: the recipe stays usable as is.
+    """
+    for key, instead in section.replaces.items():
+        if key in values and instead not in values and given.get(instead) is None:
+            default = section.model_fields[instead].default
+            log.warning("recipe %s sets %s=%s, which %s does not use: its answers are capped by %s (%s; set it in "
+                        "the recipe or pass --%s)", recipe, key, values[key], section.command, instead, default,
+                        instead.replace("_", "-"))
+
+
+def build_command_settings(
+    recipe: Path | None, overrides: dict[str, Any], section: type[SectionT]
+) -> tuple[Settings, SectionT]:
+    """Settings and one command's section from a recipe and the flags given (flags win), both validated."""
+    values = _recipe_values(recipe)
+    _check_replaced(section, recipe, values, overrides)
+    own = set(section.model_fields)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    shared = {k: v for k, v in {**values, **given}.items() if k in Settings.model_fields}
+    settings = _validated(shared)
+    return settings, build_section(section, {k: v for k, v in {**values, **given}.items() if k in own})

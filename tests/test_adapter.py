@@ -165,7 +165,7 @@ def test_verify_catches_a_b_that_is_not_the_direction(tmp_path: Path) -> None:
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
     tensors[key] = torch.randn_like(tensors[key])
     save_file(tensors, str(weights), metadata={"format": "pt"})
-    record = read_provenance(adapter)
+    record = read_provenance(adapter).to_data()
     record["output"]["files"][ADAPTER_WEIGHTS] = {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}
     write_provenance(adapter, record)  # hashes made to match: only the tensor check can fail
     with pytest.raises(VerifyError, match=r"down_proj\.lora_B\.weight is not a multiple of the direction"):

@@ -247,13 +247,13 @@ def test_vllm_answers_equal_the_transformers_answers(tiny_chat: Path, tmp_path: 
     fake_vllm.unlink()
     settings = build_settings(None, {"model": str(tiny_chat), "out": tmp_path / "vllm.json", "engine": "vllm", **EVAL})
     first = run_eval(settings)
-    assert first["languages"] == hf["languages"] and first["settings"]["engine"] == "vllm"
-    assert first["model"] == hf["model"] and first["cache"] == {"enabled": True, "hits": 0, "misses": 4}
+    assert first.languages == hf.languages and first.settings.engine == "vllm"
+    assert first.model == hf.model and first.to_data()["cache"] == {"enabled": True, "hits": 0, "misses": 4}
     (llm,) = read_events(fake_vllm)  # one vLLM run for all prompts, and no transformers model (no KL, no lm-eval)
     assert llm["model"] == str(tiny_chat.resolve()) and llm["dtype"] == "float32" and llm["quantization"] is None
     assert llm["gpu_memory_utilization"] == engines.MEMORY_SHARE and llm["seed"] == 0
     again = run_eval(settings)
-    assert again["cache"]["hits"] == 4 and again["languages"] == first["languages"]
+    assert again.to_data()["cache"]["hits"] == 4 and again.languages == first.languages
     assert len(read_events(fake_vllm)) == 1  # answered from the cache: vLLM did not start
 
 

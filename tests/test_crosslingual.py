@@ -45,7 +45,8 @@ def tiny_chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_run(tiny_chat: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("xl") / "out"
     settings = Settings(model=str(tiny_chat), out=out, **FAST)
-    run_crosslingual(settings, CrosslingualOptions.parse(",".join(LANGS), n_prompts=3, max_new_tokens=3))
+    options = CrosslingualOptions.parse(",".join(LANGS), transfer_prompts=3, transfer_max_new_tokens=3)
+    run_crosslingual(settings, options)
     return out
 
 
@@ -140,16 +141,17 @@ def test_site_from_flags_and_direction_file(tiny_chat: Path, tmp_path: Path) -> 
     flags = Settings(model=str(tiny_chat), out=tmp_path / "flags", layer=2, pos=-1, **FAST)
     options = CrosslingualOptions.parse("en,fr", transfer=False, plots=False)
     report = run_crosslingual(flags, options).report
-    assert (report["layer"], report["pos"], report["chosen_by"]) == (2, -1, "--layer/--pos")
-    assert "transfer" not in report and report["plots"] == []
+    assert (report.layer, report.pos, report.chosen_by) == (2, -1, "--layer/--pos")
+    assert report.transfer is None and report.plots == []
+    assert "transfer" not in _report(tmp_path / "flags")  # absent from the file, not null
     assert not (tmp_path / "flags" / ANSWERS_FILE).exists()
 
     path = Direction(torch.ones(32), layer=1, pos=-2).save(tmp_path / "d.safetensors")
     from_file = Settings(model=str(tiny_chat), out=tmp_path / "file", **FAST)
-    options = CrosslingualOptions.parse("en,fr", direction_file=path, transfer=False, plots=False)
+    options = CrosslingualOptions.parse("en,fr", direction=path, transfer=False, plots=False)
     report = run_crosslingual(from_file, options).report
-    assert (report["layer"], report["pos"]) == (1, -2)
-    assert set(report["direction_file_cosine"]) == {"en", "fr"}
+    assert (report.layer, report.pos) == (1, -2)
+    assert set(report.direction_file_cosine or {}) == {"en", "fr"}
 
 
 def test_option_errors() -> None:
@@ -196,7 +198,7 @@ def test_missing_language_in_prompt_source_fails_before_loading(tmp_path: Path) 
 
 def test_cli_prints_the_matrices(tiny_chat: Path, tmp_path: Path) -> None:
     args = ["crosslingual", str(tiny_chat), "--langs", "en,de", "--out", str(tmp_path / "o"), "--layer", "1",
-            "--pos", "-1", "--n-train", "2", "--n-prompts", "2", "--max-new-tokens", "2", "--no-plots"]
+            "--pos", "-1", "--n-train", "2", "--transfer-prompts", "2", "--transfer-max-new-tokens", "2", "--no-plots"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "layer 1, position -1 (--layer/--pos)" in result.output
@@ -205,6 +207,36 @@ def test_cli_prints_the_matrices(tiny_chat: Path, tmp_path: Path) -> None:
     assert report["transfer"]["n"] == [[2, 2]] * 3
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "already exists" in str(again.exception)
+
+
+def test_cli_takes_a_recipe(tiny_chat: Path, tmp_path: Path) -> None:
+    """`crosslingual --recipe R`: shared settings and the crosslingual section's keys from R, flags override."""
+    recipe = tmp_path / "xl.yaml"
+    recipe.write_text(
+        f"model: {tiny_chat}\nlangs: en,de,fr\nlayer: 1\npos: -1\nn_train: 2\ntransfer_prompts: 3\n"
+        "transfer_max_new_tokens: 2\nplots: false\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["crosslingual", "--recipe", str(recipe), "--langs", "en,de", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    transfer = _report(out)["transfer"]
+    assert transfer["columns"] == ["en", "de"]  # the flag won over the recipe's langs
+    assert transfer["n_prompts"] == 3 and transfer["max_new_tokens"] == 2 and transfer["n"] == [[3, 3]] * 3
+    assert _report(out)["plots"] == []
+
+
+def test_recipe_max_new_tokens_is_said_not_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A recipe's max_new_tokens (eval's answer cap) does not reach the transfer matrix, and crosslingual says so."""
+    from abliterate.settings import CrosslingualSettings, build_command_settings
+
+    recipe = tmp_path / "xl.yaml"
+    recipe.write_text(f"model: {tmp_path}\nlangs: en,de\nmax_new_tokens: 7\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="abliterate.settings"):
+        _, section = build_command_settings(recipe, {}, CrosslingualSettings)
+    assert "max_new_tokens=7, which crosslingual does not use" in caplog.text
+    assert "transfer_max_new_tokens" in caplog.text
+    assert section.transfer_max_new_tokens == CrosslingualSettings.model_fields["transfer_max_new_tokens"].default
 
 
 # --- the model organism --------------------------------------------------------------------------------------
@@ -222,7 +254,8 @@ def test_organism_directions_agree_across_languages(tmp_path: Path) -> None:
         finalists=3, pos=-1, batch_size=48,
     )
     start = time.perf_counter()
-    result = run_crosslingual(settings, CrosslingualOptions.parse("en,de,fr", n_prompts=16, max_new_tokens=48))
+    options = CrosslingualOptions.parse("en,de,fr", transfer_prompts=16, transfer_max_new_tokens=48)
+    result = run_crosslingual(settings, options)
     seconds = time.perf_counter() - start
     report = _report(out)
     matrix = report["cosine"]["matrix"]

@@ -226,7 +226,7 @@ def _search(planted: tuple[Path, torch.Tensor, int, Path], **values: object) -> 
         batch_size=8, refusal_tokens=["Sorry"], eval=False, **values,  # type: ignore[arg-type]
     )
     result = find_direction(settings, load(settings))
-    return result, json.loads(json.dumps(result.report()))
+    return result, result.report().to_data()
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -356,11 +356,11 @@ def results_files(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 
 def test_eval_command_writes_results(results_files: tuple[Path, Path]) -> None:
     before, after = (read_results(p) for p in results_files)
-    assert before["kl"] is None and after["kl"]["n_prompts"] == 6
-    assert after["model"]["spec"].endswith("other") and after["kl"]["base"]["spec"].endswith("base")
+    assert before.kl is None and after.kl is not None and after.kl.n_prompts == 6
+    assert after.model.spec.endswith("other") and after.kl.base.spec.endswith("base")
     for results in (before, after):
-        assert results["lm_eval"]["results"]["abliterate_mini_mc"]["sample_len"] == 4
-        assert set(results["languages"]) == {"en", "de"}
+        assert results.lm_eval is not None and results.lm_eval["results"]["abliterate_mini_mc"]["sample_len"] == 4
+        assert set(results.languages) == {"en", "de"}
 
 
 def test_report_command_builds_md_html_and_plots(results_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -400,7 +400,7 @@ def test_report_without_capability_or_kl(tmp_path: Path) -> None:
                                      "harmless": block}}, "kl": None, "lm_eval": None}
 
     report = write_report(tmp_path, results(0.1), results(0.9))
-    assert report["capability"] == [] and report["kl"] is None
+    assert report.capability == [] and report.kl is None
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["compliance.png"]
     page = (tmp_path / REPORT_HTML).read_text(encoding="utf-8")
     assert "p &lt;b&gt;" in page and "<b>" not in page  # answers are escaped

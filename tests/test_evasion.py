@@ -1,4 +1,4 @@
-"""Tests for abliterate.evasion and the evasion verdict: empty, echoed prompt, loops, another language."""
+"""Tests for abliterate.evaluation.evasion and the evasion verdict: empty, echoed prompt, loops, another language."""
 
 from __future__ import annotations
 

@@ -122,8 +122,7 @@ def test_forward_pass_counts_match_the_settings(loaded: LoadedModel, tiny_chat: 
     settings = _settings(tiny_chat, n_train=7, n_val=5, batch_size=3, screen_prompts=2, finalists=2)
     result = find_direction(settings, loaded)
     report = result.report()
-    kept, bs = report["prompts_after_filter"], 3
-    assert isinstance(kept, dict)
+    kept, bs = report.prompts_after_filter, 3
     n_candidates = len(result.scores)
     assert result.splits is not None and n_candidates > settings.finalists
     screen = screening_set(loaded, result.splits, settings.screen_prompts)
@@ -135,13 +134,12 @@ def test_forward_pass_counts_match_the_settings(loaded: LoadedModel, tiny_chat: 
         "finalists": _batches(kept["harmless_val"], bs)
         + 2 * (_batches(kept["harmful_val"], bs) + 2 * _batches(kept["harmless_val"], bs)),
     }
-    assert report["forward_passes"] == {**expected, "total": sum(expected.values())}
-    rows = report["forward_rows"]
-    assert isinstance(rows, dict)
+    assert report.forward_passes == {**expected, "total": sum(expected.values())}
+    rows = report.forward_rows
     assert rows["filter"] == 2 * 7 + 2 * 5
     assert rows["activations"] == kept["harmful_train"] + kept["harmless_train"]
     assert rows["screening"] == 4 * (1 + n_candidates)
-    assert report["batch_size"] == 3
+    assert report.batch_size == 3
     assert not loaded.model._forward_pre_hooks  # the counters are removed
 
 

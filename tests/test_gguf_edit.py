@@ -137,7 +137,7 @@ def test_gguf_round_trip(family: str, sources: dict[str, Path], direction_file: 
     if not tied:
         assert raw(result["output.weight"]) == raw(source["token_embd.weight"])
     assert set(result) == set(source) | ({"output.weight"} if not tied else set())
-    assert read_provenance(out)["format"]["tied_unembedding_edited"] is tied
+    assert read_provenance(out).to_data()["format"]["tied_unembedding_edited"] is tied
     # transformers loads it, untied, and it computes what the safetensors edit of the same source computes
     float_edit = edit(source_file, direction_file, tmp_path / "float", fmt="safetensors")
     assert torch.allclose(logits(out, written.name), logits(float_edit, tie=tied), atol=1e-4)
@@ -164,7 +164,7 @@ def test_requantized_edit_is_the_float_edit_quantized(
         q8 = gguf.quants.quantize(exact, gguf.GGMLQuantizationType.Q8_0).reshape(-1)
         differ = np.frombuffer(raw(result[name]), dtype=np.uint8) != q8
         assert differ.mean() <= 0.001, (name, differ.mean())  # a few roundings flip with the float32 sum order
-    record = read_provenance(out)["format"]
+    record = read_provenance(out).to_data()["format"]
     assert sorted(t["name"] for t in record["edited"]) == sorted(writers)
     assert record["edited_type"] == "q8_0" and 0 < record["residual_share"] < 0.05
     ours, floats = logits(out, written.name), logits(float_edit, tie=family in NO_OUTPUT_HEAD)
@@ -182,8 +182,8 @@ def test_reprojection_lowers_the_residual_share(tmp_path: Path) -> None:
     direction_file = Direction(r / r.norm(), layer=0, pos=-1).save(tmp_path / "r.safetensors")
     plain = edit(source, direction_file, tmp_path / "plain", edited_type="q4_1")
     again = edit(source, direction_file, tmp_path / "again", edited_type="q4_1", reproject=2)
-    share = read_provenance(plain)["format"]["residual_share"]
-    assert read_provenance(again)["format"]["residual_share"] < 0.6 * share  # measured: 0.45
+    share = read_provenance(plain).to_data()["format"]["residual_share"]
+    assert read_provenance(again).to_data()["format"]["residual_share"] < 0.6 * share  # measured: 0.45
     assert "OK" in verify(again).summary()
 
 
@@ -195,7 +195,7 @@ def test_verify_catches_an_unedited_tensor(sources: dict[str, Path], direction_f
     data = bytearray(written.read_bytes())
     data[target.data_offset : target.data_offset + target.n_bytes] = raw(original)  # the source's tensor back
     written.write_bytes(bytes(data))
-    record = read_provenance(out)
+    record = read_provenance(out).to_data()
     record["output"]["files"][written.name] = {"sha256": sha256_file(written), "bytes": written.stat().st_size}
     write_provenance(out, record)  # hashes made to match: only the orthogonality check can fail
     with pytest.raises(VerifyError, match=f"{name}.*not orthogonal"):
@@ -209,7 +209,7 @@ def test_edit_searches_then_writes_gguf(sources: dict[str, Path], tmp_path: Path
                check=True)
     assert "direction: layer 1, position -1" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "abliterate", "tiny-llama-abliterated.gguf"]
-    record = read_provenance(out)
+    record = read_provenance(out).to_data()
     assert record["settings"]["format"] == "gguf" and record["format"]["edited_type"] == "q8_0"
     assert (out / "abliterate" / "candidates.json").is_file() and "Format" in (out / "README.md").read_text()
     assert "OK" in run("verify", out, check=True).stdout

@@ -39,7 +39,7 @@ HIDDEN, LAYERS = 32, 3
 FAST = [
     "--langs", "en,de", "--n-train", "8", "--n-val", "4", "--screen-prompts", "2", "--finalists", "2",
     "--batch-size", "8", "--refusal-tokens", "I", "--trial-prompts", "2", "--kl-prompts", "2",
-    "--max-new-tokens", "4", "--no-plots",
+    "--trial-max-new-tokens", "4", "--no-plots",
 ]  # fmt: skip
 
 
@@ -249,6 +249,31 @@ def test_bad_optimize_options_fail_in_one_line(tiny_chat: Path, tmp_path: Path) 
     missing = run("optimize", tmp_path / "no-such-model", "--trials", "1", "--study", tmp_path / "bad")
     assert_one_line_error(missing, "not found")
     assert not (tmp_path / "bad").exists()  # a bad MODEL fails before the study folder is created
+
+
+def test_recipe_max_new_tokens_is_said_not_ignored(tmp_path: Path) -> None:
+    """A recipe's max_new_tokens caps eval's answers, not the trials': optimize says so on stderr (a warning that
+    names trial_max_new_tokens), then goes on; with the flag given, nothing is said."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tmp_path / 'no-such-model'}\nmax_new_tokens: 16\n", encoding="utf-8")
+    done = run("optimize", "--recipe", recipe, "--trials", "1", "--study", tmp_path / "s")
+    assert "max_new_tokens=16, which optimize does not use" in done.stderr and "trial_max_new_tokens" in done.stderr
+    assert_one_line_error(done, "not found")  # it went on: MODEL is what fails
+    assert not (tmp_path / "s").exists()
+    flagged = run("optimize", "--recipe", recipe, "--trial-max-new-tokens", "8", "--study", tmp_path / "s")
+    assert "does not use" not in flagged.stderr
+    assert_one_line_error(flagged, "not found")
+
+
+def test_recipe_trial_max_new_tokens_reaches_the_trials(tiny_chat: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_chat}\nmax_new_tokens: 128\ntrial_max_new_tokens: 3\ntrial_prompts: 2\n",
+                      encoding="utf-8")
+    given = {"--trial-max-new-tokens", "--trial-prompts"}  # from the recipe here
+    fast = [arg for i, arg in enumerate(FAST) if arg not in given and (i == 0 or FAST[i - 1] not in given)]
+    run("optimize", "--recipe", recipe, "--trials", "1", "--study", tmp_path / "s", *fast, check=True)
+    stored = json.loads((tmp_path / "s" / "study.json").read_text())["settings"]
+    assert stored["max_new_tokens"] == 3 and stored["trial_prompts"] == 2  # the trials' cap, from the recipe
 
 
 def test_resuming_with_other_settings_is_refused(tiny_chat: Path, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """End-to-end tests on the model organism: the pipeline removes a real, fine-tuned refusal (slow: -m slow).
 
-The organism (SmolLM2-135M-Instruct safety-tuned by `abliterate.organism`) is built once and cached, so only a
-cold cache pays for the build. Every number here comes from greedy answers (at least 64 new tokens) to the
-built-in *test* prompts, which the organism never saw in training, judged by the marker judge. Set
+The organism (SmolLM2-135M-Instruct safety-tuned by `abliterate.commands.organism.train`) is built once and
+cached, so only a cold cache pays for the build. Every number here comes from greedy answers (at least 64 new
+tokens) to the built-in *test* prompts, which the organism never saw in training, judged by the marker judge. Set
 ABLITERATE_ORGANISM_REPORT=FILE to get the measured numbers as JSON (docs/organism.md quotes them).
 """
 

@@ -247,7 +247,7 @@ def test_norm_preserving_edit(tmp_path: Path, family: str, tied: bool) -> None:
         assert b"".join(result.iter_raw(arch.lm_head_tensor)) == embedding
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     record = read_provenance(out)
-    assert record["edit"]["norm_preserving"] is True and record["direction"]["method"] == "norm-preserving"
+    assert record.edit.norm_preserving is True and record.direction.method == "norm-preserving"
     assert verify(out).worst < 1.0
     # No residual state of the edited model carries r (post-norm families: through u, as in the plain edit).
     edited = load(out)

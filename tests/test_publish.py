@@ -374,7 +374,7 @@ def test_card_of_a_hub_source_names_the_base_model(tmp_path: Path, monkeypatch: 
     assert card.data.base_model == "org/tiny-chat" and card.data.base_model_relation == "finetune"
     assert "[org/tiny-chat](https://huggingface.co/org/tiny-chat) at revision" in card.text
     record = read_provenance(out)
-    assert record["source"]["kind"] == "hub" and record["source"]["revision"] == sha
+    assert record.source.kind == "hub" and record.source.revision == sha
 
 
 def test_push_rerenders_the_card_with_report_and_plots(folder: Path) -> None:
@@ -397,7 +397,7 @@ def test_push_rerenders_the_card_with_report_and_plots(folder: Path) -> None:
 
 
 def test_provenance_of_apply(edited: Path, tiny_chat: Path) -> None:
-    record = read_provenance(edited)
+    record = read_provenance(edited).to_data()
     assert record["tool"]["name"] == "abliterate" and record["prompts"] is None
     assert set(record["libraries"]) >= {"torch", "transformers", "safetensors", "huggingface_hub"}
     for name, entry in record["source"]["files"].items():
@@ -420,7 +420,7 @@ def test_provenance_takes_hub_cache_hashes_from_blob_names(tmp_path: Path, tiny_
     out = tmp_path / "out"
     write_edited(out, snapshot, Direction.load(random_direction(tmp_path / "r.safetensors")),
                  OutputOptions(max_shard_size=10**9))
-    files = read_provenance(out)["source"]["files"]
+    files = read_provenance(out).to_data()["source"]["files"]
     weights = [name for name in files if name.endswith(".safetensors")]
     assert weights and all(files[name]["from"] == "hub cache blob name" for name in weights)
     assert all(files[name]["sha256"] == sha256_file(snapshot / name) for name in files)
@@ -454,7 +454,7 @@ def test_verify_passes_on_a_fresh_edit_and_catches_an_unedited_tensor(
     write_edited(out, source, Direction.load(random_direction(tmp_path / "r.safetensors")),
                  OutputOptions(max_shard_size=40_000))
     report = verify(out)
-    assert report.tensors == len(read_provenance(out)["edit"]["tensors"]) and report.worst < 1.0
+    assert report.tensors == len(read_provenance(out).edit.tensors) and report.worst < 1.0
     # Put one edited matrix back to its original (same bytes, same size) and re-record the file's hash, so that
     # only the orthogonality check can notice.
     name = "model.layers.1.mlp.down_proj.weight" if family != "qwen2_moe" else "model.layers.1.self_attn.o_proj.weight"
@@ -557,7 +557,7 @@ def test_edit_push_to_uploads_a_verified_checkpoint(token_runs: dict[str, Any]) 
 
 def test_edit_provenance_records_prompts_selection_and_settings(token_runs: dict[str, Any]) -> None:
     edit_out: Path = token_runs["edit"]
-    record = read_provenance(edit_out)
+    record = read_provenance(edit_out).to_data()
     candidates = json.loads((edit_out / "abliterate" / "candidates.json").read_text())
     assert record["prompts"]["counts"] == candidates["prompts_after_filter"]
     assert re.fullmatch(r"[0-9a-f]{64}", record["prompts"]["sha256"])

@@ -72,6 +72,24 @@ def test_recipe_documents_source_and_evaluation(recipe: Path) -> None:
         assert "left unset" in comment and "searches" in comment  # says why there is no layer
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_serves_optimize_and_crosslingual_with_their_own_cap(
+    recipe: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recipes' max_new_tokens is the evaluation's: optimize and crosslingual use their own answer cap and
+    say so (a warning), and take the cap from a flag or the recipe."""
+    from abliterate.settings import CrosslingualSettings, OptimizeSettings, build_command_settings
+
+    for section, cap in ((OptimizeSettings, "trial_max_new_tokens"), (CrosslingualSettings, "transfer_max_new_tokens")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="abliterate.settings"):
+            _, values = build_command_settings(recipe, {}, section)
+        assert f"which {section.command} does not use" in caplog.text
+        assert getattr(values, cap) == section.model_fields[cap].default
+        settings, values = build_command_settings(recipe, {cap: 16}, section)
+        assert getattr(values, cap) == 16 and settings == build_settings(recipe, {})
+
+
 def test_flags_override_recipe() -> None:
     settings = build_settings(RECIPES[0], {"lang": "fr", "layer": 3, "pos": None})
     assert settings.lang == "fr" and settings.layer == 3

@@ -4,7 +4,7 @@ The demo runs `edit --lang en` on the organism with its before/after evaluation 
 built-in test prompts per language and kind; 64 new tokens; the local lm-eval task); these tests check the
 report's numbers against the stored answers, and render report.html in a real headless browser (Debian's
 chromium; skipped when it is not installed). The organism is built once and cached
-(`abliterate.organism.build_organism`). Set ABLITERATE_REPORT_KEEP=DIR to keep the demo folder and the
+(`abliterate.commands.organism.train.build_organism`). Set ABLITERATE_REPORT_KEEP=DIR to keep the demo folder and the
 screenshot (docs/evaluation.md quotes their numbers).
 """
 
@@ -32,10 +32,10 @@ LANGS = DemoPlan().langs
 N_PROMPTS = DemoPlan().n_prompts
 TOKENS = DemoPlan().max_new_tokens
 MINI_LIMIT = DemoPlan().limit
-AFTER_RGB = (0xD9, 0x53, 0x4F)  # abliterate.report.AFTER_COLOUR
-BEFORE_RGB = (0x8C, 0x9A, 0xA8)  # abliterate.report.BEFORE_COLOUR
-CARD_RGB = (0xFF, 0xF8, 0xE1)  # abliterate.report.CARD_BACKGROUND
-SIDE_RGB = (0xE3, 0xEC, 0xFA)  # abliterate.report.SIDE_BY_SIDE_BACKGROUND
+AFTER_RGB = (0xD9, 0x53, 0x4F)  # abliterate.evaluation.report.AFTER_COLOUR
+BEFORE_RGB = (0x8C, 0x9A, 0xA8)  # abliterate.evaluation.report.BEFORE_COLOUR
+CARD_RGB = (0xFF, 0xF8, 0xE1)  # abliterate.evaluation.report.CARD_BACKGROUND
+SIDE_RGB = (0xE3, 0xEC, 0xFA)  # abliterate.evaluation.report.SIDE_BY_SIDE_BACKGROUND
 BROWSERS = ("chromium", "chromium-browser")
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

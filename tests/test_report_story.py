@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from abliterate.direction.records import CandidateRow, CandidatesRecord
+from abliterate.evaluation.crosslingual_record import CrosslingualRecord
 from abliterate.evaluation.evaluate import EvalOptions, judge_answers, select_prompts
 from abliterate.evaluation.judge import HarmPairedJudge, MarkerJudge, ModelJudge, Verdict
 from abliterate.evaluation.report import (
@@ -124,8 +126,10 @@ def test_schema_1_results_are_upgraded(tmp_path: Path) -> None:
     }
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old), encoding="utf-8")
-    new = read_results(path)
-    assert new["schema_version"] == 2 and new == upgrade_results(old)
+    record = read_results(path)
+    new = record.to_data()
+    assert record.schema_version == 2 and new == upgrade_results(old)
+    assert record.languages["en"].harmful.records[0].refused is True
     first = new["languages"]["en"]["harmful"]["records"][0]
     assert first == {
         "id": "harmful-161",
@@ -159,20 +163,22 @@ def test_bypass_words(before: float | None, after: float | None, word: str) -> N
 def story(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("story") / "abliterate"
     folder.mkdir()
-    candidates = {"lang": "de", "method": "projected", "chosen": {"layer": 7, "pos": -2}, "candidates": []}
-    (folder / "candidates.json").write_text(json.dumps(candidates), encoding="utf-8")
-    crosslingual = {
-        "source_lang": "en",
-        "layer": 7,
-        "pos": -2,
+    CandidatesRecord(
+        tool_version="0", source_model="m", lang="de", method="projected", chosen=CandidateRow(pos=-2, layer=7),
+        post_instruction_tokens=2,
+    ).write(folder / "candidates.json")
+    compliance = [[0.03, 0.1], [0.97, 0.55], [0.4, 0.92]]
+    CrosslingualRecord.model_validate({
+        "tool_version": "0", "model": "m", "method": "projected", "languages": ["en", "de"], "source_lang": "en",
+        "layer": 7, "pos": -2, "chosen_by": "selection on en", "prompts": {}, "sink_layers": {},
         "cosine": {"languages": ["en", "de"], "matrix": [[1.0, 0.61], [0.61, 1.0]]},
+        "per_layer_cosine": {"pos": -2, "layers": [], "curves": {}}, "pca": {},
         "transfer": {
-            "rows": ["none", "en", "de"],
-            "columns": ["en", "de"],
-            "compliance": [[0.03, 0.1], [0.97, 0.55], [0.4, 0.92]],
+            "rows": ["none", "en", "de"], "columns": ["en", "de"], "compliance": compliance,
+            "refusal_rate": [[round(1 - c, 2) for c in row] for row in compliance], "n": [[8, 8]] * 3, "cells": [],
+            "judge": "markers", "n_prompts": 8, "max_new_tokens": 8, "generations": 48, "seconds": 1.0,
         },
-    }
-    (folder.parent / "crosslingual.json").write_text(json.dumps(crosslingual), encoding="utf-8")
+    }).write(folder.parent / "crosslingual.json")
     write_report(folder, _results(edited=False, harm=True), _results(edited=True, harm=True))
     return folder
 
@@ -225,12 +231,12 @@ def test_report_html_has_the_card_and_side_by_side(story: Path) -> None:
 def test_few_languages_no_heatmap_no_direction(tmp_path: Path) -> None:
     langs = ["en", "de"]
     report = write_report(tmp_path, _results(False, False, langs), _results(True, False, langs))
-    assert not (tmp_path / "heatmap.png").exists() and report["direction"] is None
-    assert report["crosslingual"] is None
+    assert not (tmp_path / "heatmap.png").exists() and report.direction is None
+    assert report.crosslingual is None
     text = (tmp_path / REPORT_MD).read_text(encoding="utf-8")
     card = text.split("## Summary", 1)[1].split("##", 1)[0]
     assert "not recorded" in card and "attack success" not in card and "## Languages at a glance" not in text
-    long_answer = report["side_by_side"]["en"][0]["after"]["response"]
+    long_answer = report.side_by_side["en"][0].after.response or ""
     assert len(long_answer) < HEAD_CHARS or "[…]" in (tmp_path / REPORT_HTML).read_text(encoding="utf-8")
 
 

@@ -125,7 +125,7 @@ def _multimodal(model_type: str, kwargs: dict[str, Any], dtype: torch.dtype) -> 
 
 
 def load(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A saved tiny model loaded the way the tool loads it for forward passes (`loading.auto_model_class`)."""
+    """A saved tiny model loaded the way the tool loads it for forward passes (`model.loading.auto_model_class`)."""
     from abliterate.model.loading import auto_model_class
 
     model: PreTrainedModel = auto_model_class(folder).from_pretrained(folder, dtype=dtype)

@@ -17,7 +17,6 @@ PNG plots. See docs/crosslingual.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -47,6 +46,7 @@ from abliterate.direction.search import (
 )
 from abliterate.direction.vector import Direction
 from abliterate.errors import UsageError
+from abliterate.evaluation.crosslingual_record import CrosslingualRecord
 from abliterate.evaluation.generate import generate
 from abliterate.evaluation.judge import MarkerJudge
 from abliterate.model.batching import fixed_batch_size
@@ -54,9 +54,9 @@ from abliterate.model.chat import post_instruction_length
 from abliterate.model.forward import make_batches
 from abliterate.model.hooks import decoder_layers, directional_ablation
 from abliterate.prompts import sources
-from abliterate.prompts.languages import LANGUAGES, check_language, parse_languages
-from abliterate.settings import Settings
-from abliterate.storage.atomic import atomic_output, check_output
+from abliterate.prompts.languages import LANGUAGES, parse_languages
+from abliterate.settings import CrosslingualSettings, Settings, build_section
+from abliterate.storage.atomic import atomic_output, check_output, json_text, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,37 +77,32 @@ DIGITS = 4
 
 @dataclass(frozen=True)
 class CrosslingualOptions:
-    """What `crosslingual` adds to the shared Settings."""
+    """The `crosslingual` section (CrosslingualSettings) with its languages resolved; no defaults of its own."""
 
     langs: list[str]
     source_lang: str
-    direction_file: Path | None = None
-    n_prompts: int = 32
-    max_new_tokens: int = 64
-    transfer: bool = True
-    plots: bool = True
+    direction_file: Path | None
+    transfer_prompts: int
+    transfer_max_new_tokens: int
+    transfer: bool
+    plots: bool
 
     @classmethod
-    def parse(
-        cls,
-        langs: str,
-        source_lang: str | None = None,
-        direction_file: Path | None = None,
-        n_prompts: int = 32,
-        max_new_tokens: int = 64,
-        transfer: bool = True,
-        plots: bool = True,
-    ) -> CrosslingualOptions:
-        """Validate the option values (UsageError with a hint on bad input)."""
+    def from_section(cls, langs: str, section: CrosslingualSettings) -> CrosslingualOptions:
+        """The languages compared (Settings.langs, at least two) and the source language (UsageError with a hint)."""
         chosen = list(dict.fromkeys(parse_languages(langs.strip().lower())))
         if len(chosen) < 2:
             raise UsageError(
                 "--langs needs at least two languages", hint=f"e.g. --langs en,de,fr, or all ({' '.join(LANGUAGES)})"
             )
-        source = check_language(source_lang.strip().lower()) if source_lang else chosen[0]
-        if n_prompts < 1 or max_new_tokens < 1:
-            raise UsageError("--n-prompts and --max-new-tokens must be at least 1", hint="or pass --no-transfer")
-        return cls(chosen, source, direction_file, n_prompts, max_new_tokens, transfer, plots)
+        source = section.source_lang or chosen[0]
+        return cls(chosen, source, section.direction, section.transfer_prompts, section.transfer_max_new_tokens,
+                   section.transfer, section.plots)
+
+    @classmethod
+    def parse(cls, langs: str, **values: Any) -> CrosslingualOptions:
+        """From --langs and values named as CrosslingualSettings' fields (defaults for the rest)."""
+        return cls.from_section(langs, build_section(CrosslingualSettings, values))
 
 
 @dataclass
@@ -185,7 +180,7 @@ class CrosslingualResult:
     """What `run_crosslingual` wrote: the folder, the report (crosslingual.json) and the plot files."""
 
     out: Path
-    report: dict[str, Any]
+    report: CrosslingualRecord
     plots: list[str] = field(default_factory=list)
 
 
@@ -232,7 +227,7 @@ def choose_site(settings: Settings, options: CrosslingualOptions, loaded: Loaded
 
 
 def train_splits(settings: Settings, loaded: LoadedModel) -> PromptSplits:
-    """The language's prompts, filtered by the model's refusal score exactly as the pipeline does."""
+    """The language's prompts, filtered by the model's refusal score exactly as `direction.search` does."""
     splits = load_prompts(settings)
     if settings.filter_prompts:
         splits = filter_prompts(loaded, splits, refusal_ids(settings, loaded.tokenizer),
@@ -398,7 +393,7 @@ def transfer_matrix(
     total = len(rows) * len(flat)
     log.info(
         "transfer matrix: %d rows (baseline + %d sources) x %d prompts = %d greedy generations of up to %d tokens",
-        len(rows), len(directions), len(flat), total, options.max_new_tokens,
+        len(rows), len(directions), len(flat), total, options.transfer_max_new_tokens,
     )
     start = time.perf_counter()
     cells: list[TransferCell] = []
@@ -409,7 +404,7 @@ def transfer_matrix(
         )
         with context:
             gen = generate(
-                loaded.model, loaded.tokenizer, instructions, options.max_new_tokens, batch_size,
+                loaded.model, loaded.tokenizer, instructions, options.transfer_max_new_tokens, batch_size,
                 f"answers, {source} ablated" if source != BASELINE else "answers, baseline",
             )
         verdicts = judge.judge(instructions, gen.texts, langs)
@@ -441,8 +436,8 @@ def transfer_report(result: TransferResult, langs: list[str], options: Crossling
         "n": table("n"),
         "cells": [c.row() for c in result.cells],
         "judge": "markers",
-        "n_prompts": options.n_prompts,
-        "max_new_tokens": options.max_new_tokens,
+        "n_prompts": options.transfer_prompts,
+        "max_new_tokens": options.transfer_max_new_tokens,
         "generations": result.generations,
         "seconds": round(result.seconds, 1),
     }
@@ -631,15 +626,17 @@ def build_report(
     return report
 
 
-def _write(out: Path, overwrite: bool, report: dict[str, Any], answers: list[dict[str, Any]], plots: bool) -> list[str]:
+def _write(
+    out: Path, overwrite: bool, report: dict[str, Any], answers: list[dict[str, Any]], plots: bool
+) -> CrosslingualRecord:
+    """crosslingual.json (the record, validated), the transfer answers (JSON lines) and the plots, atomically."""
     with atomic_output(out, overwrite=overwrite) as tmp:
-        written = write_plots(report, tmp) if plots else []
-        report["plots"] = written
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        report["plots"] = write_plots(report, tmp) if plots else []
+        record = CrosslingualRecord.model_validate(report)
+        record.write(tmp / REPORT_FILE)
         if answers:
-            lines = (json.dumps(a, ensure_ascii=False) for a in answers)
-            (tmp / ANSWERS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return written
+            write_atomic(tmp / ANSWERS_FILE, "".join(json_text(a, indent=None) for a in answers))
+    return record
 
 
 def _each(langs: list[str], desc: str) -> Iterator[str]:
@@ -656,7 +653,7 @@ def run_crosslingual(settings: Settings, options: CrosslingualOptions) -> Crossl
     # fails now, not after an hour, if a language is missing; the texts also size --batch-size auto
     texts = [text for lang in dict.fromkeys([options.source_lang, *options.langs])
              for group in vars(load_prompts(lang_settings(settings, lang))).values() for text in group]
-    targets = harmful_test_prompts(settings, options.langs, options.n_prompts) if options.transfer else {}
+    targets = harmful_test_prompts(settings, options.langs, options.transfer_prompts) if options.transfer else {}
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     loaded = load(settings)
@@ -682,5 +679,5 @@ def run_crosslingual(settings: Settings, options: CrosslingualOptions) -> Crossl
         answers = transfer.answers
         start = _timed(seconds, "transfer", start)
     report["seconds"] = seconds
-    plots = _write(out, settings.overwrite, report, answers, options.plots)
-    return CrosslingualResult(out, report, plots)
+    record = _write(out, settings.overwrite, report, answers, options.plots)
+    return CrosslingualResult(out, record, record.plots)

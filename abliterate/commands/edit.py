@@ -7,7 +7,6 @@ recorded. Everything here logs and raises typed errors; the CLI prints.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from abliterate.edit.formats import OutputOptions, check_format, sources_of
 from abliterate.errors import UsageError
 from abliterate.evaluation.engines import check_engine
 from abliterate.evaluation.evaluate import EditEvaluation, EvalOptions, select_prompts
+from abliterate.evaluation.report_record import ReportRecord
 from abliterate.model.chat import post_instruction_length
 from abliterate.model.checkpoint import read_config
 from abliterate.model.loading import check_quantize, resolve
@@ -45,7 +45,7 @@ def run_directions(settings: Settings) -> DirectionResult:
     result = find_direction(settings, load(settings))
     out.parent.mkdir(parents=True, exist_ok=True)
     result.direction.save(out)
-    out.with_name(out.stem + ".candidates.json").write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+    result.report().write(out.with_name(out.stem + ".candidates.json"))
     return result
 
 
@@ -61,7 +61,7 @@ class EditResult:
     out: Path
     direction: DirectionResult
     edited_tensors: int
-    report: dict[str, object] | None = None  # the before/after evaluation (abliterate/report.json), if run
+    report: ReportRecord | None = None  # the before/after evaluation (abliterate/report.json), if run
 
 
 def evaluation_texts(settings: Settings) -> list[str]:
@@ -93,11 +93,11 @@ def run_edit(settings: Settings) -> EditResult:
         evaluation.measure_base(loaded.model, loaded.tokenizer, loaded.source)
     source = loaded.source
     del loaded  # free the forward-pass model before streaming the checkpoint
-    reports: list[dict[str, object]] = []
+    reports: list[ReportRecord] = []
 
     def candidates_and_evaluation(tmp: Path) -> None:
         """candidates.json, then the evaluation of the written checkpoint (before provenance hashes the report)."""
-        (tmp / "abliterate" / CANDIDATES_FILE).write_text(json.dumps(result.report(), indent=2), encoding="utf-8")
+        result.report().write(tmp / "abliterate" / CANDIDATES_FILE)
         if evaluation is not None:
             reports.append(evaluation.measure_edited(tmp, str(settings.out)))
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate import __version__, progress
 from abliterate.direction.candidates import Candidates, make_candidates, mean_activations
+from abliterate.direction.records import CANDIDATES_FILE, CandidateRow, CandidatesRecord
 from abliterate.direction.run_record import PromptsRecord, RunRecord
 from abliterate.direction.selection import (
     CandidateScore,
@@ -45,7 +46,6 @@ from abliterate.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CANDIDATES_FILE = "candidates.json"
 STAGES = ("filter", "activations", "screening", "finalists")  # the search's stages of forward passes
 
 
@@ -87,21 +87,22 @@ class DirectionResult:
     forward_passes: dict[str, ForwardCount] = field(default_factory=dict)  # per stage (STAGES)
     batch_size: int | None = None  # the batch size the search ran with (--batch-size auto resolved)
 
-    def report(self) -> dict[str, object]:
-        """The content of candidates.json."""
-        return {
-            "tool_version": __version__,
-            "source_model": self.direction.source_model,
-            "lang": self.direction.lang,
-            "method": self.direction.method,
-            "chosen": self.chosen.row() if self.chosen else {"pos": self.direction.pos, "layer": self.direction.layer},
-            "post_instruction_tokens": self.n_pos,
-            "sink_layers": self.candidates.sink_layers,
-            "prompts_after_filter": self.filtered,
-            "batch_size": self.batch_size,
+    def report(self) -> CandidatesRecord:
+        """The record of candidates.json."""
+        chosen = self.chosen.row() if self.chosen else {"pos": self.direction.pos, "layer": self.direction.layer}
+        return CandidatesRecord(
+            tool_version=__version__,
+            source_model=self.direction.source_model,
+            lang=self.direction.lang,
+            method=self.direction.method,
+            chosen=CandidateRow.model_validate(chosen),
+            post_instruction_tokens=self.n_pos,
+            sink_layers=self.candidates.sink_layers,
+            prompts_after_filter=self.filtered,
+            batch_size=self.batch_size,
             **forward_pass_report(self.forward_passes),
-            "candidates": [s.row() for s in self.scores],
-        }
+            candidates=[CandidateRow.model_validate(s.row()) for s in self.scores],
+        )
 
     def run_record(self, settings: Settings) -> RunRecord:
         """What provenance records of this search: the prompts used, the selection and every setting."""
@@ -274,7 +275,7 @@ def screen_candidates(
     """First pass: ablation on a few prompts for every candidate, several per forward pass; returns the finalists.
 
     A pass holds as many copies of the screening batch as fit in the tokens of one batch of `batch_size` of the
-    run's longest prompts (`selection.screen_groups`); `grouped=False` screens one candidate per pass.
+    run's longest prompts (`direction.selection.screen_groups`); `grouped=False` screens one candidate per pass.
     """
     if len(grid) <= settings.finalists:
         return grid

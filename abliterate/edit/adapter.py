@@ -5,7 +5,7 @@ Every edit of a matrix is a rank-1 update: W - w u u^T W = W + B A with B = -w u
 per-layer weight w. The embedding too: E - w (E u) u^T is PEFT's embedding LoRA with lora_embedding_A = (E u)^T
 and lora_embedding_B = -w u (PEFT adds (B A)^T to the looked-up rows). So the adapter holds two vectors per
 edited matrix (hidden + in values) instead of the matrix: megabytes instead of gigabytes. r = 1, lora_alpha = 1
-(scaling 1), no dropout. The plan (which tensors, which u, which w) is `orthogonalize.plan_edit`'s, the same as
+(scaling 1), no dropout. The plan (which tensors, which u, which w) is `edit.stream.plan_edit`'s, the same as
 for safetensors and GGUF outputs.
 
 Tied embeddings need nothing special: PEFT's embedding LoRA changes the looked-up rows, not the shared weight,

@@ -1,10 +1,10 @@
 """The output formats of an edit (`--format`): a safetensors checkpoint, a GGUF file, or a LoRA adapter.
 
-`edit`, `apply` and `optimize --pick` plan the same edit (`orthogonalize.plan_edit`) and hand it to one of
-three writers: `orthogonalize.write_checkpoint` (safetensors shards), `gguf_edit.write_gguf` (a copy of a
-`.gguf` source with its residual writers re-quantized) and `adapter.write_adapter` (a rank-1 PEFT LoRA).
-Each writes into the temporary folder of `output.atomic_output`; provenance and the model card follow, with
-the format's own record under `format`.
+`edit`, `apply` and `optimize --pick` plan the same edit (`edit.stream.plan_edit`): `write_edit` hands it to
+one of three writers: `edit.stream.write_checkpoint` (safetensors shards), `edit.gguf.write_gguf` (a copy of a
+`.gguf` source with its residual writers re-quantized) and `edit.adapter.write_adapter` (a rank-1 PEFT LoRA).
+Each writes into the temporary folder of `storage.atomic.atomic_output` that `publish.write_edited` opens;
+provenance and the model card follow there, with the format's own record under `format`.
 """
 
 from __future__ import annotations

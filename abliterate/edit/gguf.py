@@ -1,9 +1,9 @@
 """GGUF in, GGUF out: the edit written into a copy of the source `.gguf` file (`--format gguf`).
 
 Which tensors change, and against which vector, is decided exactly as for a safetensors output:
-`orthogonalize.plan_edit` on the dequantized checkpoint that `loading.convert_gguf` made from the same file
+`edit.stream.plan_edit` on the dequantized checkpoint that `model.loading.convert_gguf` made from the same file
 (its Hugging Face names are mapped to GGUF names with gguf's `TensorNameMap`; per-expert matrices map to the
-stacked `ffn_down_exps` tensor), and the math is `orthogonalize.project_out` with `direction_for`'s vector
+stacked `ffn_down_exps` tensor), and the math is `edit.projection.project_out` with `direction_for`'s vector
 and the plan's per-layer weight. Everything else about the file stays: every metadata key (tokenizer, chat
 template, ...) is copied, keys under `abliterate.` record the edit, and every untouched tensor is copied byte
 for byte in its original quantization.
@@ -19,7 +19,7 @@ Tied embeddings: as for safetensors, the original token embedding is written as 
 (its bytes unchanged), so that llama.cpp and transformers unembed with the unedited matrix.
 
 The file is written tensor by tensor (one dequantized tensor in memory at a time) into the temporary folder
-of `output.atomic_output`, so `--out` appears only when complete.
+of `storage.atomic.atomic_output` (opened by `publish.write_edited`), so `--out` appears only when complete.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def _written(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.
 def edit_tensor(
     tensor: Any, target: Target, plan: EditPlan, checkpoint: Checkpoint, r: torch.Tensor, type_name: str, rounds: int
 ) -> tuple[np.ndarray, EditedTensor]:
-    """One GGUF tensor edited in float32 (orthogonalize's math) and quantized to `type_name`: (bytes, stats).
+    """One GGUF tensor edited in float32 (edit/projection.py's math) and quantized to `type_name`: (bytes, stats).
 
     Memory: the dequantized source (float32) and the output bytes; the edit comes in blocks of rows from
     `projected_blocks` and is quantized block by block (GGUF types quantize each row on its own). Re-projection

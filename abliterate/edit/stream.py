@@ -8,7 +8,6 @@ publish/write_edited.py wraps it with the atomic rename, provenance and the mode
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from abliterate.model.ablation import AblationWeights
 from abliterate.model.archs import Architecture, Component, lookup
 from abliterate.model.checkpoint import Checkpoint
 from abliterate.model.quantized import adjusted_quantization_config
-from abliterate.storage.atomic import ensure_free_space
+from abliterate.storage.atomic import ensure_free_space, write_json
 from abliterate.storage.hashing import FileHasher, hub_blob_sha256
 from abliterate.storage.shards import ShardWriter, TensorSpec, plan_shards, tensor_buffer, write_index
 from abliterate.storage.tensors import DTYPES
@@ -188,7 +187,7 @@ def write_config(source: Path, out: Path, config: dict[str, object], plan: EditP
             "quantization_config kept; %d dequantized modules added to its modules_to_not_convert",
             len(plan.unquantized),
         )
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "config.json", config)
 
 
 def copy_side_files(source: Path, out: Path) -> list[str]:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate.evaluation.generate import Generation, generate, stop_ids
+from abliterate.storage.atomic import write_json
 from abliterate.storage.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -167,11 +166,7 @@ class GenerationCache:
         data = {"key": key, "meta": meta, "ids": generation.ids, "texts": generation.texts,
                 "finished": generation.finished}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, ensure_ascii=False)
-            os.replace(tmp, path)
+            write_json(path, data, indent=None)
         except OSError as err:
             log.warning("cannot write the generation cache in %s (%s); continuing without it", path.parent, err)
 

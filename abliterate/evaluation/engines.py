@@ -1,6 +1,6 @@
 """Generation engines for the refusal benchmark: transformers (`--engine hf`, the default) or vLLM (`vllm`).
 
-`hf` answers with the forward-pass model already in memory (`benchmark.generate`). `vllm` answers from a model
+`hf` answers with the forward-pass model already in memory (`evaluation.generate.generate`). `vllm` answers from a model
 FOLDER on disk, in a child process (`python -m abliterate.evaluation.engines REQUEST RESPONSE`), so that
 
 - vLLM (the `vllm` extra) is imported only there, never by the rest of abliterate;
@@ -9,10 +9,10 @@ FOLDER on disk, in a child process (`python -m abliterate.evaluation.engines REQ
   the KL and lm-eval);
 - the parent can check first that it holds no forward-pass model on the GPU any more (`release_gpu_memory`).
 
-Both engines see identical inputs: prompts are rendered and tokenized here with `chat.render`/`chat.encode`
+Both engines see identical inputs: prompts are rendered and tokenized here with `model.chat.render`/`model.chat.encode`
 (the same calls as the transformers path) and handed to vLLM as prompt token ids. Decoding is greedy
 (temperature 0), at most `max_new_tokens` tokens, stopping at the same end-of-sequence ids as the
-transformers path; the answers come back as a `benchmark.Generation` (ids cut at the first stop id, texts
+transformers path; the answers come back as an `evaluation.generate.Generation` (ids cut at the first stop id, texts
 decoded by the same tokenizer with special tokens skipped, finished flags), so results.json and the report
 look the same whichever engine made them.
 """
@@ -39,6 +39,7 @@ from abliterate.errors import ModelError, UsageError
 from abliterate.evaluation.generate import Generation, token_ids
 from abliterate.model.chat import encode, render
 from abliterate.model.loading import DTYPES, module_installed, resolve_dtype
+from abliterate.storage.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _vllm_version() -> str | None:
 
 
 def folder_stop_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The ids `benchmark.stop_ids` would use, from files: the tokenizer's EOS and the configured EOS ids.
+    """The ids `evaluation.generate.stop_ids` would use, from files: the tokenizer's EOS and the configured EOS ids.
 
     The configured ids come from generation_config.json, else config.json (as transformers fills a model's
     generation config).
@@ -140,7 +141,7 @@ def generate(
     stops: Sequence[int],
     options: VLLMOptions,
 ) -> Generation:
-    """Greedy answers by vLLM from the model in `folder`, in input order, in `benchmark.generate`'s format.
+    """Greedy answers by vLLM from the model in `folder`, in input order, in `evaluation.generate.generate`'s format.
 
     The caller must have dropped its own forward-pass model: what this process still holds on the GPU is
     logged, and vLLM (in a child process) takes MEMORY_SHARE of what is free when it starts.
@@ -179,7 +180,7 @@ def run_child(request: dict[str, Any]) -> dict[str, Any]:
     """Run the vLLM worker in a child process on `request`; its response (a ModelError if it failed)."""
     with tempfile.TemporaryDirectory(prefix="abliterate-vllm-") as tmp:
         request_file, response_file, log_file = (Path(tmp) / n for n in ("request.json", "response.json", "log"))
-        request_file.write_text(json.dumps(request), encoding="utf-8")
+        write_json(request_file, request, indent=None)
         command = [sys.executable, "-m", "abliterate.evaluation.engines", str(request_file), str(response_file)]
         with log_file.open("w", encoding="utf-8") as output:
             done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, env=_child_env(), check=False)
@@ -240,7 +241,7 @@ def main(argv: Sequence[str]) -> int:
         return 2
     request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     response = vllm_answers(request)
-    Path(argv[1]).write_text(json.dumps(response), encoding="utf-8")
+    write_json(Path(argv[1]), response, indent=None)
     return 0
 
 

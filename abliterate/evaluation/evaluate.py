@@ -2,7 +2,7 @@
 
 Owns `abliterate eval` and the evaluation that `edit` runs on the base and the edited model:
 
-- refusal benchmark: greedy answers (`benchmark.generate`, through the generation cache) to the harmful and
+- refusal benchmark: greedy answers (`evaluation.generate.generate`, through the generation cache) to the harmful and
   harmless *test* prompts of each language, each judged by a `Judge` as refusal, evasion or compliance (and
   harmful or not, with a model judge or `--harm-judge`). Compliance = share of harmful prompts answered
   (neither refused nor evaded); over-refusal = refusal rate on the harmless ones; evasion and attack success
@@ -11,11 +11,11 @@ Owns `abliterate eval` and the evaluation that `edit` runs on the base and the e
 - damage (with a base model): KL(base || model) of the next-token distribution on harmless prompts,
   teacher-forced on the base model's greedy answer: at the first answer token, and averaged over the first
   `kl_tokens` answer tokens;
-- capability: lm-eval tasks (`abliterate.capability`);
-- the results dict (schema_version 1, documented in docs/evaluation.md) and its JSON file.
+- capability: lm-eval tasks (`evaluation.capability`);
+- the results dict and its JSON file (their schema is in `evaluation.results`, documented in docs/evaluation.md).
 
 `EditEvaluation` is the part `edit` uses: checks first, the base model before it is freed, the written
-checkpoint afterwards, then the report (`abliterate.report`).
+checkpoint afterwards, then the report (`evaluation.report`).
 
 Engines (`--engine`, `abliterate.evaluation.engines`): with `hf` the refusal benchmark's answers come from the
 transformers model in memory. With `vllm` they come from vLLM in a child process that reads the model folder
@@ -62,8 +62,10 @@ if TYPE_CHECKING:
     from abliterate.settings import Settings
 
 from abliterate.evaluation.report import write_report
+from abliterate.evaluation.report_record import ReportRecord
 from abliterate.evaluation.results import (
     SCHEMA_VERSION,
+    ResultsRecord,
     block_counts,
     language_entry,
     summarize,
@@ -566,8 +568,8 @@ def collect_garbage() -> None:
         torch.cuda.empty_cache()
 
 
-def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """`abliterate eval`: results of MODEL (KL against `base` when given), written to settings.out."""
+def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> ResultsRecord:
+    """`abliterate eval`: the results record of MODEL (KL against `base` when given), written to settings.out."""
     if settings.out is None:
         raise UsageError("no results file given", hint="pass --out results.json")
     check_quantize(settings.quantize)
@@ -585,12 +587,8 @@ def run_eval(settings: Settings, base: str | None = None, **overrides: Any) -> d
         on_disk = engine_target(source, settings)
         answers = evaluator.answers(on_disk)
         if reference is None and not evaluator.options.tasks:  # nothing else needs the model in memory
-            results = evaluator.results(on_disk.info(), answers)
-            write_results(Path(settings.out), results)
-            return results
-    results = evaluator.evaluate(load_for_eval(source, settings), reference, answers)
-    write_results(Path(settings.out), results)
-    return results
+            return write_results(Path(settings.out), evaluator.results(on_disk.info(), answers))
+    return write_results(Path(settings.out), evaluator.evaluate(load_for_eval(source, settings), reference, answers))
 
 
 # --- inside `edit` ---------------------------------------------------------------------------------------
@@ -624,7 +622,7 @@ class EditEvaluation:
         self.base_measures = self.evaluator.measure_model(base)
         self.base = engine_target(source, self.settings, tokenizer=tokenizer)
 
-    def measure_edited(self, folder: Path, spec: str) -> dict[str, Any]:
+    def measure_edited(self, folder: Path, spec: str) -> ReportRecord:
         """Load the written checkpoint in `folder`, evaluate it against the base, write the report beside it."""
         log.info("evaluating the edited model")
         final = Path(spec).expanduser().resolve()  # where it will be after the rename

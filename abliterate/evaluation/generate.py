@@ -1,7 +1,7 @@
 """Behavioural measurements of a chat model: greedy answers, refusal rate, first-token KL, fluency.
 
 Owns batched greedy generation through the model's chat template (left padding, length-sorted batches from
-`directions.make_batches`; each row leaves the batch as soon as it has ended, `greedy_rows`), the refusal
+`model.forward.make_batches`; each row leaves the batch as soon as it has ended, `greedy_rows`), the refusal
 rate of those answers under a `Judge`, the per-prompt KL divergence of the first answer token between two
 models, and a cheap fluency check (non-empty, not a repetitive loop). Shared by the model organism,
 `abliterate demo` and the evaluation of edited models.

@@ -1,7 +1,7 @@
 """The before/after evaluation report: report.json, report.md, a self-contained report.html and PNG plots.
 
 Owns the comparison of two results dicts (the base model = before, the edited model = after; written by
-`abliterate.evaluate`): per-language compliance, over-refusal, evasion and attack success (harmful answers,
+`evaluation.evaluate`): per-language compliance, over-refusal, evasion and attack success (harmful answers,
 with a harm-judging model), capability deltas (lm-eval) and the KL damage block; at the top, the story: a
 summary card (models, the direction's language/layer/position/method from candidates.json, headline numbers,
 one line per language: bypassed, partly or not), the same five harmful prompts per language answered before
@@ -16,28 +16,29 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from abliterate.direction.records import CANDIDATES_FILE as CANDIDATES_JSON
+from abliterate.direction.records import read_candidates
+from abliterate.errors import DataError
 from abliterate.evaluation.capability import metrics
+from abliterate.evaluation.crosslingual_record import CROSSLINGUAL_FILE as CROSSLINGUAL_JSON
+from abliterate.evaluation.crosslingual_record import read_crosslingual
 from abliterate.evaluation.judge import HEAD_CHARS as JUDGE_HEAD_CHARS
-from abliterate.evaluation.results import upgrade_results
+from abliterate.evaluation.report_record import REPORT_JSON, SCHEMA_VERSION, ReportRecord
+from abliterate.evaluation.results import ResultsRecord, upgrade_results
 from abliterate.prompts.languages import LANGUAGES
+from abliterate.storage.atomic import write_json
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-"""2: direction, side_by_side, crosslingual, evasion and attack success beside compliance (issue 17)."""
-REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 PLOT_FILES = {"heatmap": "heatmap.png", "compliance": "compliance.png", "capability": "capability.png",
               "kl": "kl.png"}
-CANDIDATES_JSON = "candidates.json"
-CROSSLINGUAL_JSON = "crosslingual.json"
 SIDE_BY_SIDE = 5
 """Harmful prompts per language whose before and after answers the report shows side by side."""
 SIDE_BY_SIDE_CHARS = 200
@@ -130,13 +131,11 @@ def direction_info(folder: Path | None) -> dict[str, Any] | None:
     if folder is None or not (folder / CANDIDATES_JSON).is_file():
         return None
     try:
-        data = json.loads((folder / CANDIDATES_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("can't read %s: the summary card names no direction", folder / CANDIDATES_JSON)
+        record = read_candidates(folder / CANDIDATES_JSON)
+    except DataError as err:
+        log.warning("%s: the summary card names no direction", err)
         return None
-    chosen = data.get("chosen") or {}
-    return {"lang": data.get("lang"), "method": data.get("method"), "layer": chosen.get("layer"),
-            "pos": chosen.get("pos")}
+    return {"lang": record.lang, "method": record.method, "layer": record.chosen.layer, "pos": record.chosen.pos}
 
 
 def crosslingual_info(folders: list[Path]) -> dict[str, Any] | None:
@@ -146,14 +145,15 @@ def crosslingual_info(folders: list[Path]) -> dict[str, Any] | None:
         if not path.is_file():
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            log.warning("can't read %s: the report has no cross-lingual matrix", path)
+            record = read_crosslingual(path)
+        except DataError as err:
+            log.warning("%s: the report has no cross-lingual matrix", err)
             return None
-        transfer = data.get("transfer") or {}
-        return {"file": str(path), "source_lang": data.get("source_lang"), "layer": data.get("layer"),
-                "pos": data.get("pos"), "cosine": data.get("cosine"),
-                "transfer": {k: transfer.get(k) for k in ("rows", "columns", "compliance")} if transfer else None}
+        transfer = record.transfer
+        return {"file": str(path), "source_lang": record.source_lang, "layer": record.layer, "pos": record.pos,
+                "cosine": record.cosine.model_dump(mode="json"),
+                "transfer": {"rows": transfer.rows, "columns": transfer.columns, "compliance": transfer.compliance}
+                if transfer else None}
     return None
 
 
@@ -178,14 +178,23 @@ def _kl_summary(after: dict[str, Any]) -> dict[str, Any] | None:
     return {k: v for k, v in kl.items() if k != "records"}
 
 
+Results = ResultsRecord | dict[str, Any]
+"""A results record, or the dict `Evaluator.results` makes (inside `edit`)."""
+
+
+def results_data(results: Results) -> dict[str, Any]:
+    """The results as plain data (schema 1 upgraded), as results.json holds them."""
+    return upgrade_results(results.to_data() if isinstance(results, ResultsRecord) else results)
+
+
 def build_report(
-    before: dict[str, Any],
-    after: dict[str, Any],
+    before: Results,
+    after: Results,
     direction: dict[str, Any] | None = None,
     crosslingual: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """report.json: the comparison, then both results in full (with every prompt's answer and verdict)."""
-    before, after = upgrade_results(before), upgrade_results(after)
+    """report.json's data: the comparison, then both results in full (with every prompt's answer and verdict)."""
+    before, after = results_data(before), results_data(after)
     b, a = before["summary"], after["summary"]
     summary: dict[str, Any] = {}
     for rate in ROW_RATES:
@@ -743,20 +752,22 @@ def _direction_folder(folder: Path, after: dict[str, Any]) -> Path | None:
 
 
 def write_report(
-    folder: Path, before: dict[str, Any], after: dict[str, Any], direction_folder: Path | None = None
-) -> dict[str, Any]:
-    """Write report.json, report.md, report.html and the plots into `folder`; return the report.
+    folder: Path, before: Results, after: Results, direction_folder: Path | None = None
+) -> ReportRecord:
+    """Write report.json, report.md, report.html and the plots into `folder`; return the report record.
 
     The direction is read from candidates.json in `direction_folder` (default: `folder`, where `edit` writes
     it, else the edited model's abliterate/ folder); the cross-lingual matrix from a crosslingual.json in
     `folder` or the folder above it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    before, after = results_data(before), results_data(after)
     direction = direction_info(direction_folder or _direction_folder(folder, after))
     report = build_report(before, after, direction, crosslingual_info([folder, folder.parent]))
+    record = ReportRecord.model_validate(report)
     plots = write_plots(report, folder)
-    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(folder / REPORT_JSON, record)
     (folder / REPORT_MD).write_text(render_markdown(report, plots), encoding="utf-8")
     (folder / REPORT_HTML).write_text(render_html(report, plots), encoding="utf-8")
     log.info("wrote the evaluation report to %s", folder / REPORT_HTML)
-    return report
+    return record

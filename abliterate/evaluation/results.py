@@ -1,18 +1,21 @@
 """results.json, the record of one model's evaluation: its blocks, per-language rates, summary and schema.
 
 `abliterate eval` writes it (evaluation/evaluate.py), `report` and `edit` read it back (schema 1 files are
-upgraded on reading); docs/evaluation.md describes the fields.
+upgraded on reading, then validated as a `ResultsRecord`); docs/evaluation.md describes the fields and
+docs/records.md has the JSON Schema.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from abliterate.errors import DataError
 from abliterate.prompts.records import KINDS
+from abliterate.storage.records import Part, Record, load_json, validate_record
 
 SCHEMA_VERSION = 2
 """2: per-answer refused/evasive/harmful/why and per-block evasions and harmful answers (1: a refusal bool)."""
@@ -89,29 +92,188 @@ def upgrade_results(data: dict[str, Any]) -> dict[str, Any]:
         **data.get("summary", {}), **summarize(languages)}}
 
 
-def write_results(path: Path, results: dict[str, Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+# --- the record ------------------------------------------------------------------------------------------
 
 
-def read_results(path: Path) -> dict[str, Any]:
+class ModelInfo(Part):
+    """The model evaluated: as given, the folder it was read from, and its identity (a hash of its files)."""
+
+    spec: str
+    folder: str | None = None
+    identity: str | None = None
+
+
+class AnswerRecord(Part):
+    """One prompt, the greedy answer and the judge's verdict."""
+
+    id: str
+    prompt: str
+    response: str
+    refused: bool
+    evasive: bool
+    harmful: bool | None = None
+    why: str | None = None
+    categories: list[str] | None = None
+
+
+class Block(Part):
+    """One language and kind (harmful or harmless): counts, rates (null: nothing to count) and every answer."""
+
+    n: int
+    refusals: int
+    refusal_rate: float | None = None
+    evasions: int = 0
+    evasion_rate: float | None = None
+    harmful_answers: int | None = None
+    harmful_rate: float | None = None
+    records: list[AnswerRecord] = Field(default_factory=list)
+
+
+class LanguageResult(Part):
+    """One language: the headline rates, then its harmful and harmless blocks."""
+
+    compliance: float | None = None
+    over_refusal: float | None = None
+    evasion: float | None = None
+    harmless_evasion: float | None = None
+    attack_success: float | None = None
+    harmful: Block
+    harmless: Block
+
+
+class Summary(Part):
+    """Means of the rates over languages (each language weighs the same) and the prompt counts."""
+
+    languages: int | None = None
+    compliance: float | None = None
+    over_refusal: float | None = None
+    evasion: float | None = None
+    harmless_evasion: float | None = None
+    attack_success: float | None = None
+    harmful_prompts: int | None = None
+    harmless_prompts: int | None = None
+
+
+class EvalSettings(Part):
+    """How the evaluation ran (EvalOptions.describe, with the languages evaluated)."""
+
+    langs: list[str] | None = None
+    judge: str | None = None
+    harm_judge: str | None = None
+    prompts: str | None = None
+    split: str | None = None
+    n_prompts: int | None = None
+    max_new_tokens: int | None = None
+    decoding: str | None = None
+    batch_size: int | None = None
+    tasks: list[str] | None = None
+    limit: int | None = None
+    kl_tokens: int | None = None
+    kl_prompts: int | None = None
+    dtype: str | None = None
+    device: str | None = None
+    engine: str | None = None
+    quantize: str | None = None
+
+
+class KLLanguage(Part):
+    n: int
+    first_token: float | None = None
+    first_n_tokens: float | None = None
+
+
+class KLPrompt(Part):
+    id: str
+    lang: str
+    tokens: int
+    first_token: float
+    first_n_tokens: float
+
+
+class KLSummary(Part):
+    """First-token and mean first-N-token KL(base || model): overall, per answer position and per language."""
+
+    base: ModelInfo
+    tokens: int
+    n_prompts: int
+    first_token: float | None = None
+    first_n_tokens: float | None = None
+    per_position: list[float | None] = Field(default_factory=list)
+    languages: dict[str, KLLanguage] = Field(default_factory=dict)
+
+
+class KLBlock(KLSummary):
+    """The KL summary and every prompt's KL."""
+
+    records: list[KLPrompt] = Field(default_factory=list)
+
+
+class ToolInfo(Part):
+    name: str
+    version: str
+
+
+class CacheInfo(Part):
+    enabled: bool
+    hits: int
+    misses: int
+
+
+class ResultsRecord(Record):
+    """results.json (schema_version 2): one model's evaluation, every prompt's answer and verdict included."""
+
+    schema_version: int
+    """2 (files of schema 1 are upgraded when read)."""
+    tool: ToolInfo | None = None
+    """The tool and version that wrote the file."""
+    created: str | None = None
+    """When, in UTC (ISO 8601)."""
+    model: ModelInfo
+    """The model evaluated."""
+    settings: EvalSettings = Field(default_factory=EvalSettings)
+    """How it was evaluated."""
+    summary: Summary
+    """Means over languages."""
+    languages: dict[str, LanguageResult]
+    """Per language: the rates, and every harmful and harmless prompt's answer and verdict."""
+    kl: KLBlock | None = None
+    """KL(base || model) on harmless prompts (null without `--base`)."""
+    lm_eval: dict[str, Any] | None = None
+    """lm-eval's results, configs, versions and n-shot of the capability tasks (null without tasks)."""
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds per part (refusal_s, kl_s, lm_eval_s, total_s)."""
+    cache: CacheInfo | None = None
+    """The answer cache: whether it was on, its hits and misses."""
+
+
+_WRITE_HINT = "write it with `abliterate eval --out results.json`"
+
+
+def write_results(path: Path, results: ResultsRecord | dict[str, Any]) -> ResultsRecord:
+    """Write results.json (atomically); a dict is validated as a `ResultsRecord` first. Returns the record."""
+    record = results if isinstance(results, ResultsRecord) else ResultsRecord.model_validate(results)
+    record.write(Path(path))
+    return record
+
+
+def _not_results(path: Path) -> DataError:
+    return DataError(f"{path} is not an abliterate results file of schema_version {SCHEMA_VERSION}", hint=_WRITE_HINT)
+
+
+def read_results(path: Path) -> ResultsRecord:
     """A results.json written by `abliterate eval` (schema_version 2, or 1 upgraded); DataError otherwise."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"results file {path} not found", hint="write one with `abliterate eval --out`") from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read results file {path}: {err}", hint="point at a results.json") from None
+    data = load_json(path, error=DataError, missing_hint="write one with `abliterate eval --out`",
+                     damaged_hint="point at a results.json")
     if (
         not isinstance(data, dict)
         or data.get("schema_version") not in READABLE_SCHEMAS
         or not isinstance(data.get("languages"), dict)
         or not {"model", "summary"} <= set(data)
     ):
-        raise DataError(
-            f"{path} is not an abliterate results file of schema_version {SCHEMA_VERSION}",
-            hint="write it with `abliterate eval --out results.json`",
-        )
-    return upgrade_results(data)
+        raise _not_results(path)
+    try:
+        data = upgrade_results(data)
+    except (KeyError, TypeError, AttributeError):
+        raise _not_results(path) from None
+    return validate_record(ResultsRecord, data, path, error=DataError,
+                           what=f"abliterate results file of schema_version {SCHEMA_VERSION}", hint=_WRITE_HINT)

@@ -36,7 +36,7 @@ TIMING_REPEATS = 2  # best of this many timed forward passes per CPU size
 
 
 def fixed_batch_size(value: BatchSize) -> int:
-    """The batch size as a number; `auto` must have been resolved (`pipeline.resolve_batch_size`) first."""
+    """The batch size as a number; `auto` must have been resolved (`direction.search.resolve_batch_size`) first."""
     if value == AUTO:
         raise UsageError(
             "--batch-size auto is not resolved for this command",

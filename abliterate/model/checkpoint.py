@@ -5,7 +5,7 @@ user allows it — pickle `.bin` files) from the file headers alone, validates t
 hands out one tensor at a time. Nothing here holds more than one tensor in memory.
 
 A quantized checkpoint (FP8 block scales, MXFP4) is indexed with the quantized modules that write to the
-residual stream replaced by *derived* bfloat16 tensors, computed when read (`abliterate.quantized`).
+residual stream replaced by *derived* bfloat16 tensors, computed when read (`model.quantized`).
 """
 
 from __future__ import annotations

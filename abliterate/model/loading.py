@@ -27,8 +27,8 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
 )
 
-from abliterate.errors import ModelError
-from abliterate.storage.atomic import atomic_output
+from abliterate.errors import ModelError, UsageError
+from abliterate.storage.atomic import atomic_output, write_json
 from abliterate.storage.paths import cache_dir
 
 if TYPE_CHECKING:  # transformers is imported only when a model is actually loaded (it takes seconds)
@@ -130,22 +130,29 @@ def convert_gguf(path: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(tmp / "config.json", config)
     return target
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`auto` means float32 on CPU (bf16 matmuls are slow there) and the checkpoint's dtype on GPU."""
-    if name != "auto":
-        return DTYPES[name]
-    return torch.float32 if device == "cpu" else torch.bfloat16
+    """`auto` means float32 on CPU (bf16 matmuls are slow there) and bfloat16 on a GPU; models and judges alike."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}", hint=f"use auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_device(name: str) -> str:
+    """`auto` is cuda when a GPU is visible, else cpu; any other name must be a device torch knows."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for, but no CUDA GPU is visible", hint="use --device cpu")
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {name!r}", hint="use cpu, cuda, cuda:N, mps or auto") from None
     return name
 
 

@@ -37,7 +37,7 @@ from abliterate.errors import CheckpointError, ModelError
 from abliterate.model.archs import Architecture, lookup
 from abliterate.storage.tensors import DTYPES, TensorInfo
 
-if TYPE_CHECKING:  # a checkpoint is handed in; checkpoint.py imports this module to dequantize on opening
+if TYPE_CHECKING:  # a checkpoint is handed in; model/checkpoint.py imports this module to dequantize on opening
     from abliterate.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)

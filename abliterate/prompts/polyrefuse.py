@@ -4,7 +4,7 @@ This module owns the file table of github.com/mainlp/Multilingual-Refusal at `CO
 which language, kind and split, with that repository's quirks), the plain-HTTP download with timeouts,
 the sha256 check (against `MANIFEST`, or for files without a pinned sum against a trust-on-first-use
 lockfile in the cache), the cache under `$ABLITERATE_CACHE/polyrefuse/` (default
-`~/.cache/abliterate/prompts/polyrefuse/`), and the mapping of the files' records into `Prompt`s.
+`~/.cache/abliterate/polyrefuse/`), and the mapping of the files' records into `Prompt`s.
 
 Source syntax: `polyrefuse` (the `--lang` language only), `polyrefuse?lang=de,fr` or `polyrefuse?lang=all`,
 and `test=jailbreakbench` to take the harmful test split from the JailbreakBench translations. The base URL
@@ -18,7 +18,6 @@ import http.client
 import json
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 from abliterate.errors import DataError
 from abliterate.prompts.languages import LANGUAGES
 from abliterate.prompts.records import Kind, Prompt, PromptSet, Split, language_list, parse_options
+from abliterate.storage.atomic import write_atomic, write_json
 from abliterate.storage.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -168,18 +168,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _LOCK_HINT = "delete it; the files are then trusted again on their next download"
 
 
@@ -202,8 +190,7 @@ class Lockfile:
 
     def record(self, repo_path: str, digest: str) -> None:
         self.sums[repo_path] = digest
-        text = json.dumps({"commit": COMMIT, "files": dict(sorted(self.sums.items()))}, indent=1) + "\n"
-        _write_atomic(self.path, text.encode("utf-8"))
+        write_json(self.path, {"commit": COMMIT, "files": dict(sorted(self.sums.items()))})
 
 
 def _download(url: str) -> bytes:
@@ -273,7 +260,7 @@ def _fetch(repo_path: str, url: str, root: Path, lock: Lockfile) -> list[object]
         log.warning("PolyRefuse file %s is not verified: abliterate pins no sha256 for it; recorded %s in %s "
                     "and later runs check against it", repo_path, digest, lock.path)
         lock.record(repo_path, digest)
-    _write_atomic(target, data)
+    write_atomic(target, data)
     return records
 
 

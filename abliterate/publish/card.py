@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.model.loading import ModelSource
+from abliterate.publish.provenance_record import ProvenanceRecord, SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,16 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def card_data(record: dict[str, Any]) -> Any:
+def card_data(record: ProvenanceRecord) -> Any:
     """The card's front matter (a huggingface_hub ModelCardData) from a provenance record."""
     from huggingface_hub import ModelCardData
 
-    base = record.get("base_card") or {}
-    source = str(record["source"]["model"])
-    hub = record["source"].get("kind") == "hub"
-    lang = record["direction"].get("lang")
+    base = record.base_card or {}
+    source = record.source.model
+    hub = record.source.kind == "hub"
+    lang = record.direction.lang
     tags = list(dict.fromkeys([*_as_list(base.get("tags")), *TAGS]))
-    adapter = record.get("format", {}).get("kind") == "adapter"
+    adapter = record.format_kind == "adapter"
     return ModelCardData(
         base_model=source if hub else None,
         base_model_relation=("adapter" if adapter else "finetune") if hub else None,
@@ -110,17 +111,17 @@ def card_data(record: dict[str, Any]) -> Any:
     )
 
 
-def _base_line(source: dict[str, Any]) -> str:
-    model = str(source["model"])
-    revision = f" at revision `{source['revision']}`" if source.get("revision") else ""
-    if source.get("kind") == "hub":
+def _base_line(source: SourceRecord) -> str:
+    model = source.model
+    revision = f" at revision `{source.revision}`" if source.revision else ""
+    if source.kind == "hub":
         return f"[{model}](https://huggingface.co/{model}){revision}"
-    gguf = f" (dequantized from `{source['gguf_file']}`)" if source.get("gguf_file") else ""
+    gguf = f" (dequantized from `{source.gguf_file}`)" if source.gguf_file else ""
     return f"local model `{Path(model).name}`{gguf}"
 
 
-def _selection_line(record: dict[str, Any]) -> str:
-    selection = record.get("selection")
+def _selection_line(record: ProvenanceRecord) -> str:
+    selection = record.selection
     if not selection or not selection.get("chosen"):
         return "none here: a saved direction was applied (`abliterate apply`)"
     chosen = selection["chosen"]
@@ -132,28 +133,28 @@ def _selection_line(record: dict[str, Any]) -> str:
 _SCORES = (("refusal", "refusal score"), ("induce", "induce score"), ("kl", "first-token KL"))
 
 
-def _prompts_line(record: dict[str, Any]) -> str:
-    prompts = record.get("prompts")
+def _prompts_line(record: ProvenanceRecord) -> str:
+    prompts = record.prompts
     if not prompts:
         return "none (a saved direction was applied)"
-    counts = prompts.get("counts") or {}
+    counts = prompts.counts or {}
     train = f"{counts.get('harmful_train', '?')}+{counts.get('harmless_train', '?')}"
     val = f"{counts.get('harmful_val', '?')}+{counts.get('harmless_val', '?')}"
-    return f"`{prompts['source']}` ({prompts['lang']}): {train} train, {val} val; sha256 `{prompts['sha256']}`"
+    return f"`{prompts.source}` ({prompts.lang}): {train} train, {val} val; sha256 `{prompts.sha256}`"
 
 
-def _edited_line(record: dict[str, Any]) -> str:
-    edit = record["edit"]
-    counts = edit.get("components", {})
+def _edited_line(record: ProvenanceRecord) -> str:
+    edit = record.edit
+    counts = edit.components
     parts = [f"{counts.get(c, 0)} {label}" for c, label in _COMPONENTS if counts.get(c)]
-    text = ", ".join(parts) + f" ({edit['architecture']} family)"
-    if edit.get("tied_embeddings"):
+    text = ", ".join(parts) + f" ({edit.architecture} family)"
+    if edit.tied_embeddings:
         text += "; tied embeddings untied, the original embedding kept as the unembedding"
-    if edit.get("post_norms"):
+    if edit.post_norms:
         text += "; post-norm family: orthogonalized against normalize(r * (1 + w)) of each output norm"
-    if edit.get("norm_preserving"):
+    if edit.norm_preserving:
         text += "; norm-preserving: every edited weight column and embedding row rescaled to its original norm"
-    if record.get("direction", {}).get("weights"):
+    if record.direction.weights:
         text += "; partial edit: per-layer ablation weights W - w r r^T W from `abliterate optimize` (see provenance)"
     return text
 
@@ -161,9 +162,9 @@ def _edited_line(record: dict[str, Any]) -> str:
 _COMPONENTS = (("embedding", "embedding"), ("attention", "attention outputs"), ("mlp", "MLP outputs"))
 
 
-def _dequantized_line(record: dict[str, Any]) -> str:
+def _dequantized_line(record: ProvenanceRecord) -> str:
     """How a quantized source (FP8, MXFP4) was written: which modules lost their quantization for the edit."""
-    modules = record["edit"]["dequantized_modules"]
+    modules = record.edit.dequantized_modules
     return (
         f"the source is quantized; the {len(modules)} modules that write to the residual stream were dequantized, "
         "edited in float32 and stored in bf16 (listed in `quantization_config.modules_to_not_convert`); every other "
@@ -171,19 +172,19 @@ def _dequantized_line(record: dict[str, Any]) -> str:
     )
 
 
-def _done_section(record: dict[str, Any]) -> str:
-    d = record["direction"]
-    libs = record.get("libraries", {})
-    lib_text = ", ".join(f"{k} {v}" for k, v in libs.items() if k != "python")
+def _done_section(record: ProvenanceRecord) -> str:
+    d = record.direction
+    lib_text = ", ".join(f"{k} {v}" for k, v in record.libraries.items() if k != "python")
+    summary = (record.format or {}).get("summary")
     rows = [
-        ("Base model", _base_line(record["source"])),
-        ("Direction", f"language `{d['lang'] or '?'}`, layer {d['layer']}, position {d['pos']}, {d['method']} method"),
+        ("Base model", _base_line(record.source)),
+        ("Direction", f"language `{d.lang or '?'}`, layer {d.layer}, position {d.pos}, {d.method} method"),
         ("Selection", _selection_line(record)),
         ("Prompts", _prompts_line(record)),
         ("Edited tensors", _edited_line(record)),
-        *([("Format", str(record["format"]["summary"]))] if record.get("format", {}).get("summary") else []),
-        *([("Quantization", _dequantized_line(record))] if record["edit"].get("dequantized_modules") else []),
-        ("Tool", f"abliterate {record['tool']['version']} ({lib_text})"),
+        *([("Format", str(summary))] if summary else []),
+        *([("Quantization", _dequantized_line(record))] if record.edit.dequantized_modules else []),
+        ("Tool", f"abliterate {record.tool.version} ({lib_text})"),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (
@@ -241,16 +242,19 @@ def _provenance_section() -> str:
     )
 
 
-def render_card(folder: Path, record: dict[str, Any], repo_id: str | None = None) -> str:
-    """The full README.md text for the output folder `folder` described by provenance `record`."""
+def render_card(folder: Path, record: ProvenanceRecord | dict[str, Any], repo_id: str | None = None) -> str:
+    """The full README.md text for the output folder `folder` described by provenance `record` (a dict is
+    validated as a `ProvenanceRecord` first)."""
     folder = Path(folder)
-    source = str(record["source"]["model"])
+    if not isinstance(record, ProvenanceRecord):
+        record = ProvenanceRecord.model_validate(record)
+    source = record.source.model
     name = repo_id.split("/")[-1] if repo_id else f"{Path(source.rstrip('/')).name}-abliterated"
-    license_name = (record.get("base_card") or {}).get("license")
+    license_name = (record.base_card or {}).get("license")
     sections = [
         f"# {name}",
-        f"{_base_line(record['source'])} with its refusal direction projected out of the weights by "
-        f"abliterate {record['tool']['version']}.",
+        f"{_base_line(record.source)} with its refusal direction projected out of the weights by "
+        f"abliterate {record.tool.version}.",
         _done_section(record),
         _evaluation_section(folder),
         "## Responsible use\n\n"
@@ -268,7 +272,7 @@ def is_generated(path: Path) -> bool:
     return GENERATED_MARKER in path.read_text(encoding="utf-8", errors="replace")
 
 
-def write_card(folder: Path, record: dict[str, Any], repo_id: str | None = None) -> Path:
+def write_card(folder: Path, record: ProvenanceRecord | dict[str, Any], repo_id: str | None = None) -> Path:
     path = Path(folder) / CARD_FILE
     path.write_text(render_card(folder, record, repo_id), encoding="utf-8")
     return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,6 +27,7 @@ from abliterate.model.archs import Architecture, Component
 from abliterate.model.checkpoint import Checkpoint, read_config
 from abliterate.publish.leak import leak
 from abliterate.publish.provenance import read_provenance
+from abliterate.publish.provenance_record import ProvenanceRecord
 from abliterate.publish.verify_gguf import check_gguf_tensors
 from abliterate.storage.hashing import sha256_file
 
@@ -95,15 +95,15 @@ def expected_direction(
     return (mapped / mapped.norm()).to(torch.float32)
 
 
-def check_files(folder: Path, record: dict[str, Any]) -> tuple[int, list[str]]:
+def check_files(folder: Path, record: ProvenanceRecord) -> tuple[int, list[str]]:
     """(files checked, problems): every output file in provenance still has its sha256."""
     problems = []
-    files = record.get("output", {}).get("files", {})
+    files = record.output.files
     for name, entry in sorted(files.items()):
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
             problems.append(f"{name} differs from provenance.json (sha256 changed since the edit)")
     return len(files), problems
 
@@ -115,14 +115,14 @@ def _open(folder: Path) -> tuple[Checkpoint, EditPlan, Direction]:
     return checkpoint, make_plan(checkpoint, config, direction.hidden_size), direction
 
 
-def check_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, list[str]]:
+def check_tensors(folder: Path, record: ProvenanceRecord) -> tuple[int, float, list[str]]:
     """(tensors checked, worst leak/tolerance, problems): every residual writer is orthogonal to u."""
     try:
         checkpoint, plan, direction = _open(folder)
     except AbliterateError as err:
         return 0, 0.0, [f"cannot read the checkpoint: {err}"]
     problems = []
-    listed = {t["name"] for t in record.get("edit", {}).get("tensors", [])}
+    listed = {t.name for t in record.edit.tensors}
     if listed != set(plan.edits):
         missing, extra = sorted(set(plan.edits) - listed), sorted(listed - set(plan.edits))
         problems.append(f"edited tensors differ from provenance.json (unlisted: {missing[:3]}, absent: {extra[:3]})")
@@ -156,11 +156,11 @@ def verify(folder: Path) -> VerifyReport:
     """Check `folder` against its provenance; a VerifyError naming the first problem if any check fails."""
     folder = Path(folder).expanduser().resolve()
     record = read_provenance(folder)
-    kind = record.get("format", {}).get("kind")
+    kind = record.format_kind
     if kind == "gguf":
         n_tensors, worst, problems = check_gguf_tensors(folder, record)
     elif kind == "adapter":
-        n_tensors, worst, problems = check_adapter_tensors(folder, record)
+        n_tensors, worst, problems = check_adapter_tensors(folder, record.to_data())
     else:
         n_tensors, worst, problems = check_tensors(folder, record)
     n_files, file_problems = check_files(folder, record)

@@ -7,7 +7,7 @@ against r, or for post-norm families u = normalize(r * g) with g the GGUF norm a
 Gemma 2/3 store that gain as 1 + w already, llama.cpp's convention). The direction file must equal the
 direction stored in the GGUF's `abliterate.direction` key.
 
-Tolerance. Float types (F32, F16, BF16) use `verify.leak`'s rounding bound. A block-quantized tensor holds
+Tolerance. Float types (F32, F16, BF16) use `publish.leak.leak`'s rounding bound. A block-quantized tensor holds
 W + e, where each element's error e_i is at most half a quantization step s_i of its block (Q8_0: amax/127;
 Q4_0: amax/8; Q5_0: amax/16; Q4_1: range/15; Q5_1: range/31; MXFP4: amax/3, its widest gap), and is
 modelled as uniform: var e_i = s_i^2 / 12. Then E |u . e|^2 summed over the slices is sum_i u_i^2 s_i^2 / 12,
@@ -34,6 +34,7 @@ from abliterate.edit.projection import hidden_axis
 from abliterate.errors import AbliterateError
 from abliterate.model.archs import Component
 from abliterate.publish.leak import leak
+from abliterate.publish.provenance_record import ProvenanceRecord
 
 _WRITER = re.compile(
     r"^(?:token_embd\.weight|blk\.(\d+)\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(?:weight|bias))$"
@@ -103,9 +104,9 @@ def _expected(
     return (mapped / mapped.norm()).to(torch.float32)
 
 
-def check_gguf_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float, list[str]]:
+def check_gguf_tensors(folder: Path, record: ProvenanceRecord) -> tuple[int, float, list[str]]:
     """(tensors checked, worst leak/tolerance, problems) of a GGUF output folder."""
-    fmt = record["format"]
+    fmt = record.format or {}
     try:
         reader = open_reader(Path(folder) / fmt["file"])
         direction = Direction.load(Path(folder))
@@ -119,7 +120,7 @@ def check_gguf_tensors(folder: Path, record: dict[str, Any]) -> tuple[int, float
         problems.append(f"edited tensors differ from provenance.json (unlisted: {sorted(set(writers) - listed)[:3]}, "
                         f"absent: {sorted(listed - set(writers))[:3]})")
     r, worst, checked = direction.vector.to(torch.float32), 0.0, 0
-    post_norms = bool(record.get("edit", {}).get("post_norms"))
+    post_norms = record.edit.post_norms
     for name, (component, layer) in sorted(writers.items()):
         if direction.weights is not None and direction.weights.weight(component, layer) != 1.0:
             continue  # a partial edit keeps part of the component by design

@@ -1,18 +1,22 @@
-"""Safe output folders: checked before work starts, written in a temporary sibling, renamed when complete.
+"""Safe output folders and files: checked before work starts, written in a temporary sibling, renamed when complete.
 
 A folder at `--out` therefore either does not exist or is finished; the source model is never written to.
+Single files go the same way (`write_atomic`), and every JSON file the package writes goes through `write_json`.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from abliterate.errors import OutputError
 
@@ -120,3 +124,50 @@ def _replace(tmp: Path, out: Path) -> None:
         log.info("replaced %s", out)
     else:
         os.replace(tmp, out)
+
+
+# --- single files ----------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes | str) -> Path:
+    """Write `data` to `path` through a temporary sibling and a rename: readers see the old file or the new one.
+
+    The parent folder is created; on any error the temporary file is removed and the error raised.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+JsonFilter = Callable[[str], str]
+
+
+def json_text(data: BaseModel | object, *, indent: int | None = 2) -> str:
+    """The one JSON format: UTF-8 text (not escaped), `indent` spaces (None: one line), a final newline.
+
+    A pydantic model is dumped with the fields it was given (`exclude_unset`), in its field order, so a record
+    read from a file and written again keeps its keys.
+    """
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    return json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+
+
+def write_json(
+    path: Path, data: BaseModel | object, *, indent: int | None = 2, text_filter: JsonFilter | None = None
+) -> Path:
+    """Write a record (a pydantic model) or plain data as JSON (`json_text`), atomically (`write_atomic`).
+
+    `text_filter` rewrites the text before it is written (provenance redacts tokens with it).
+    """
+    text = json_text(data, indent=indent)
+    return write_atomic(path, text_filter(text) if text_filter is not None else text)

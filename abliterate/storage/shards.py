@@ -19,6 +19,7 @@ from types import TracebackType
 import torch
 
 from abliterate.errors import CheckpointError, UsageError
+from abliterate.storage.atomic import write_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -175,8 +176,7 @@ def write_index(folder: Path, plans: list[ShardPlan]) -> Path:
     weight_map = {spec.name: plan.filename for plan in plans for spec in plan.tensors}
     index = {"metadata": {"total_size": sum(p.nbytes for p in plans)}, "weight_map": weight_map}
     path = folder / SAFETENSORS_INDEX
-    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_json(path, index)
 
 
 def tensor_buffer(tensor: torch.Tensor) -> memoryview:

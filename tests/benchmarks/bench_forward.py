@@ -10,7 +10,7 @@ wall time).
 
     python tests/benchmarks/bench_forward.py                                   # 64 prompts, batch 16
     python tests/benchmarks/bench_forward.py --n-prompts 128 --batch-size 32 --no-search
-    python tests/benchmarks/bench_forward.py --model ~/.cache/abliterate/commands/organism/train/<folder>
+    python tests/benchmarks/bench_forward.py --model ~/.cache/abliterate/organism/<folder>
 
 Torch uses all cores unless OMP_NUM_THREADS says otherwise; run it with nothing else heavy on the machine.
 """
@@ -122,8 +122,8 @@ def count_search(loaded: LoadedModel, settings: Settings) -> dict[str, Any]:
         result = find_direction(settings, loaded, grouped_screening=grouped)
         report = result.report()
         out[name] = {
-            "forward_passes": report["forward_passes"],
-            "forward_rows": report["forward_rows"],
+            "forward_passes": report.forward_passes,
+            "forward_rows": report.forward_rows,
             "seconds": round(time.perf_counter() - start, 1),
             "chosen": {"layer": result.direction.layer, "pos": result.direction.pos},
         }

@@ -12,7 +12,7 @@ Prints one table, each figure as a ratio to its limit (docs/performance.md):
 
     python tests/benchmarks/performance.py                     # SmolLM2 (or the organism) + a 2.4 GB checkpoint
     python tests/benchmarks/performance.py --big --json out.json
-    python tests/benchmarks/performance.py --skip-apply --model ~/.cache/abliterate/commands/organism/train/<folder>
+    python tests/benchmarks/performance.py --skip-apply --model ~/.cache/abliterate/organism/<folder>
 
 Run it with nothing else heavy on the machine: every stage uses all cores.
 """

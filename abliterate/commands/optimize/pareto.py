@@ -4,17 +4,18 @@ Both objectives are minimised: the mean refusal rate over the chosen languages a
 divergence on harmless prompts. A trial is on the front when no other trial is at least as good on both and
 better on one. The reference trial (the paper's default edit: the selected layer's direction, weight 1
 everywhere) is reported beside the front, with the front trials that dominate it. Nothing here knows Optuna:
-`optimize.py` turns finished trials into `TrialRow`s.
+`commands/optimize/study.py` turns finished trials into `TrialRow`s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from abliterate.storage.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def write_report(folder: Path, rows: list[TrialRow], meta: dict[str, Any], *, pl
     """Write pareto.json, pareto.md and (with `plots`) pareto.png into `folder`."""
     report = build_report(rows)
     json_path, md_path = folder / PARETO_JSON, folder / PARETO_MD
-    json_path.write_text(json.dumps(report.summary(meta), indent=2) + "\n", encoding="utf-8")
+    write_json(json_path, report.summary(meta))
     md_path.write_text(_markdown(report, meta), encoding="utf-8")
     report.files = [json_path, md_path]
     if plots and report.rows and _plot(folder / PARETO_PNG, report):

@@ -3,7 +3,7 @@
 Each trial picks a direction and per-layer ablation weights and measures two objectives, both minimised: the
 mean refusal rate over `--langs` (greedy answers to harmful val prompts, judged by `--judge`) and the mean
 first-token KL divergence on harmless val prompts against the unedited model. The model is loaded once;
-trials apply the edit with hooks (`hooks.weighted_ablation`) that are removed after each trial.
+trials apply the edit with hooks (`model.hooks.weighted_ablation`) that are removed after each trial.
 
 Search space (docs/optimize.md):
 - direction layer, a float: the candidate directions of neighbouring layers (at the position the default
@@ -54,8 +54,8 @@ from abliterate.model.loading import resolve
 from abliterate.prompts import sources
 from abliterate.prompts.languages import parse_languages
 from abliterate.publish.write_edited import write_edited
-from abliterate.settings import Settings
-from abliterate.storage.atomic import check_output
+from abliterate.settings import OptimizeSettings, Settings
+from abliterate.storage.atomic import check_output, write_json
 
 if TYPE_CHECKING:
     import optuna
@@ -81,30 +81,30 @@ STUDY_KEYS = ("model", "revision", "lang", "prompts", "method", "n_train", "n_va
 
 @dataclass(frozen=True)
 class OptimizeOptions:
-    """The options of `abliterate optimize` that are not shared Settings."""
+    """The `optimize` section (OptimizeSettings) resolved: the study folder and the trial count filled in."""
 
     study: Path
     trials: int
-    pick: int | None = None
-    out: Path | None = None
-    overwrite: bool = False
-    seed: int = 0
-    trial_prompts: int = 8
-    kl_prompts: int = 8
-    max_new_tokens: int = 32
-    plots: bool = True
+    pick: int | None
+    out: Path | None
+    overwrite: bool
+    seed: int
+    trial_prompts: int
+    kl_prompts: int
+    trial_max_new_tokens: int
+    plots: bool
 
     @classmethod
-    def parse(cls, model: str, study: Path | None, trials: int | None, pick: int | None, out: Path | None,
-              **rest: Any) -> OptimizeOptions:
+    def from_section(cls, settings: Settings, section: OptimizeSettings) -> OptimizeOptions:
         """Fill defaults (--study from the model's name; no new trials when only picking) and check the combination."""
+        pick, out = section.pick, settings.out
         if pick is not None and out is None:
             raise UsageError("--pick needs --out", hint="pass --out DIR for the picked trial's checkpoint")
         if out is not None and pick is None:
             raise UsageError("--out is only used with --pick", hint="pass --pick N to write trial N's checkpoint")
-        if trials is None:
-            trials = 0 if pick is not None else DEFAULT_TRIALS
-        return cls(study or default_study(model), trials, pick, out, **rest)
+        trials = section.trials if section.trials is not None else 0 if pick is not None else DEFAULT_TRIALS
+        return cls(section.study or default_study(settings.model), trials, pick, out, settings.overwrite, section.seed,
+                   section.trial_prompts, section.kl_prompts, section.trial_max_new_tokens, section.plots)
 
 
 def default_study(model: str) -> Path:
@@ -364,7 +364,7 @@ def requested_config(settings: Settings, options: OptimizeOptions) -> dict[str, 
         "langs": parse_languages(settings.langs),
         "trial_prompts": options.trial_prompts,
         "kl_prompts": options.kl_prompts,
-        "max_new_tokens": options.max_new_tokens,
+        "max_new_tokens": options.trial_max_new_tokens,
     }
 
 
@@ -399,9 +399,7 @@ def write_config_file(
         "direction": {"pos": dirs.pos, "default_layer": dirs.default_layer, "lang": dirs.lang, "method": dirs.method},
         "prompts": prompts.model_dump(mode="json"),
     }
-    tmp = folder / (STUDY_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(folder / STUDY_CONFIG)
+    write_json(folder / STUDY_CONFIG, record)
 
 
 def open_study(folder: Path, seed: int) -> optuna.Study:
@@ -455,7 +453,7 @@ class Searcher:
         try:
             params = TrialParams.suggest(trial, self.space)
             scores = measure(self.loaded, self.trial_set, self.judge, self.directions.at(params.layer),
-                             params.weights(self.space.n_layers), self.options.max_new_tokens, self.batch_size)
+                             params.weights(self.space.n_layers), self.options.trial_max_new_tokens, self.batch_size)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -565,7 +563,7 @@ def pick_trial(
     record = {"trial": row.to_json(), "params": trial.params, "weights": weights, "study": options.study.name}
 
     def optimize_json(tmp: Path) -> None:
-        (tmp / "abliterate" / OPTIMIZE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(tmp / "abliterate" / OPTIMIZE_FILE, record)
 
     source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)
     write_edited(options.out, source, direction, OutputOptions.from_settings(settings),

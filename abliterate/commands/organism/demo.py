@@ -1,6 +1,6 @@
 """`abliterate demo`: the whole method, end to end, on the model organism, in minutes on a CPU.
 
-Stages: build or reuse the organism (SmolLM2-135M-Instruct safety-tuned by `abliterate.organism`) and copy
+Stages: build or reuse the organism (SmolLM2-135M-Instruct safety-tuned by `commands.organism.train`) and copy
 it to `DIR/organism/`; run the normal `edit --lang en` pipeline on it into `DIR/edited/`, with its normal
 before/after evaluation on a subset that fits a CPU (a few languages, a few dozen built-in *test* prompts each,
 short greedy answers, the small offline lm-eval task), which writes `DIR/edited/abliterate/report.{json,md,html}`;
@@ -9,7 +9,6 @@ then print the headline numbers and write them to `DIR/demo.json` and `DIR/demo.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,8 +16,9 @@ from pathlib import Path
 
 from abliterate.commands.edit import EditResult, run_edit
 from abliterate.commands.organism.train import build_organism, copy_organism, read_info
+from abliterate.evaluation.report_record import ReportRecord
 from abliterate.settings import Settings
-from abliterate.storage.atomic import check_output
+from abliterate.storage.atomic import check_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +100,20 @@ def edit_settings(organism: Path, out: Path, overwrite: bool, plan: DemoPlan) ->
     )
 
 
-def headline(report: dict[str, object]) -> dict[str, object]:
+def _known(rate: float | None) -> float:
+    return float("nan") if rate is None else rate
+
+
+def headline(report: ReportRecord) -> dict[str, object]:
     """Refusal before/after per language and kind, and the KL, from the edit's report.json."""
-    rows = report["languages"]
-    assert isinstance(rows, list)
-    harmful = {r["lang"]: KindRates(round(1 - r["compliance_before"], 4), round(1 - r["compliance_after"], 4),
-                                    r["n_harmful"]) for r in rows}
-    harmless = {r["lang"]: KindRates(round(r["over_refusal_before"], 4), round(r["over_refusal_after"], 4),
-                                     r["n_harmless"]) for r in rows}
-    kl = report.get("kl") or {}
-    assert isinstance(kl, dict)
-    return {"harmful": harmful, "harmless": harmless, "kl_mean": kl.get("first_token", float("nan")),
-            "kl_prompts": kl.get("n_prompts", 0)}
+    rows = report.languages
+    harmful = {r.lang: KindRates(round(1 - _known(r.compliance_before), 4), round(1 - _known(r.compliance_after), 4),
+                                 r.n_harmful) for r in rows}
+    harmless = {r.lang: KindRates(round(_known(r.over_refusal_before), 4), round(_known(r.over_refusal_after), 4),
+                                  r.n_harmless) for r in rows}
+    kl_mean = report.kl.first_token if report.kl is not None and report.kl.first_token is not None else float("nan")
+    return {"harmful": harmful, "harmless": harmless, "kl_mean": kl_mean,
+            "kl_prompts": report.kl.n_prompts if report.kl is not None else 0}
 
 
 def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object]) -> str:
@@ -148,8 +150,7 @@ def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object
 
 def write_summary(result: DemoResult, plan: DemoPlan) -> None:
     """DIR/demo.json and DIR/demo.md (the edited folder itself stays exactly what `edit` wrote and hashed)."""
-    data = json.dumps(result.to_json(plan), indent=2, ensure_ascii=False) + "\n"
-    (result.out / DEMO_JSON).write_text(data, encoding="utf-8")
+    write_json(result.out / DEMO_JSON, result.to_json(plan))
     (result.out / DEMO_MD).write_text(markdown(result, plan, read_info(result.organism)), encoding="utf-8")
 
 

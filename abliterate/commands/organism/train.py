@@ -43,7 +43,7 @@ from abliterate.model.chat import encode, render
 from abliterate.model.loading import ModelSource, convert_gguf, load_model
 from abliterate.prompts import sources
 from abliterate.prompts.records import KINDS, Kind, Prompt
-from abliterate.storage.atomic import atomic_output, check_output
+from abliterate.storage.atomic import atomic_output, check_output, write_json
 from abliterate.storage.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,7 @@ def harmless_answers(
     gen = generate(model, tokenizer, instructions, recipe.max_answer_tokens, 16, "harmless answers")
     eos = stop_ids(model, tokenizer)[0]
     answers = [[*ids, eos] if done else ids for ids, done in zip(gen.ids, gen.finished, strict=True)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    tmp.write_text(json.dumps({"instructions": instructions, "answers": answers}, ensure_ascii=False), "utf-8")
-    tmp.replace(path)
+    write_json(path, {"instructions": instructions, "answers": answers}, indent=None)
     return answers
 
 
@@ -428,8 +425,8 @@ def save_organism(
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text(encoding="utf-8"))
         config.pop("quantization_config", None)
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(config_path, config)
+        write_json(tmp / INFO_FILE, info)
     return target
 
 

@@ -9,7 +9,7 @@ Hybrid and multimodal families need three more things, all in the YAML: several 
 where the default rule does not hold (fused expert stacks stored [experts, in, hidden]), and `aliases`, the
 on-disk name prefixes that transformers renames on load (multimodal checkpoints saved by older versions).
 
-A family the registry lacks gets an entry proposed from the loaded model (`abliterate.propose`), which the user
+A family the registry lacks gets an entry proposed from the loaded model (`model.propose`), which the user
 passes as `--arch FILE` (`register_file`).
 """
 
