@@ -4,7 +4,7 @@
     python tests/mutations.py --only kl        # mutations whose name contains "kl"
     python tests/mutations.py --list           # names, files and the tests each one runs
 
-Each mutation replaces one exact snippet of the source (it must occur exactly once: tests/test_mutations.py
+Each mutation replaces one exact snippet of the source (it must occur exactly once: tests/unit/package/test_mutations.py
 checks that in the fast suite, so the list follows the code). The working tree is copied (tracked and
 untracked files that git does not ignore) into a temporary folder, the snippet is replaced there, and the fast
 tests of the module concerned run against that copy (`PYTHONPATH` points at it; subprocesses inherit it). A
@@ -28,13 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The fast tests that cover each module. A mutation runs its stages in order, one pytest run each (with -x: the
 # first failure is enough), and stops at the first stage that fails.
-SEARCH = "tests/test_direction_search.py tests/test_forward_passes.py"
-EDIT = "tests/test_orthogonalize.py tests/test_cli.py tests/test_publish.py"
-RELIABILITY = "tests/test_reliability.py"
+SEARCH = "tests/unit/direction/test_direction_search.py tests/unit/direction/test_forward_passes.py"
+EDIT = "tests/unit/edit/test_orthogonalize.py tests/unit/cli/test_cli.py tests/unit/publish/test_publish.py"
+RELIABILITY = "tests/e2e/test_reliability.py"
 # Without the test that pins the window's constants, so that the table shows which behaviour test catches a change.
-JUDGE = "tests/test_judge.py --deselect tests/test_judge.py::test_window_pins_its_constants"
+JUDGE = (
+    "tests/unit/evaluation/test_judge.py"
+    " --deselect tests/unit/evaluation/test_judge.py::test_window_pins_its_constants"
+)
 # A Gemma 2 edit checked by `verify` alone (no hidden-state check): shows that verify does not share the edit's bugs.
-VERIFY_POST_NORM = "tests/test_orthogonalize.py::test_norm_preserving_bfloat16_passes_verify"
+VERIFY_POST_NORM = "tests/unit/edit/test_orthogonalize.py::test_norm_preserving_bfloat16_passes_verify"
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ MUTATIONS = [
         "abliterate/direction/candidates.py",
         "vec = vec - (vec @ unit) * unit",
         "vec = vec",
-        (SEARCH, "tests/test_orthogonalize.py"),
+        (SEARCH, "tests/unit/edit/test_orthogonalize.py"),
     ),
     Mutation(
         "refusal score (log-odds) with its sign flipped",
@@ -118,7 +121,7 @@ MUTATIONS = [
         "abliterate/direction/selection.py",
         "return (base.exp() * (base - other)).sum(dim=-1)",
         "return (other.exp() * (other - base)).sum(dim=-1)",
-        (SEARCH, "tests/test_evaluate.py"),
+        (SEARCH, "tests/unit/evaluation/test_evaluate.py"),
     ),
     Mutation(
         "activation addition subtracts the vector",
@@ -153,14 +156,14 @@ MUTATIONS = [
         "abliterate/edit/projection.py",
         "        block = source[rows].to(torch.float32, copy=True)\n        block.addr_(r[rows], coefficients",
         "        block = source[rows].to(torch.float32)\n        block.addr_(r[rows], coefficients",
-        ("tests/test_orthogonalize.py::test_projection_math", EDIT),  # in memory first: a mapped file crashes
+        ("tests/unit/edit/test_orthogonalize.py::test_projection_math", EDIT),  # in memory first: a mapped file crashes
     ),
     Mutation(
         "verify's tolerance 100x too loose",
         "abliterate/publish/leak.py",
         "_SLACK = 1.01",
         "_SLACK = 101.0",
-        ("tests/test_publish.py", EDIT),
+        ("tests/unit/publish/test_publish.py", EDIT),
     ),
     Mutation(
         "the judge reads 10x more characters (5000 instead of 500)",

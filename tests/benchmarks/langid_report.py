@@ -2,7 +2,8 @@
 
 For every language of a prompt source (default: the built-in sets) it prints how many lines the `lingua`
 detector (lingua-language-detector, all of its 75 languages, models preloaded) assigns to that language,
-and what the other lines were taken for. tests/test_data.py uses the same functions for its threshold check.
+and what the other lines were taken for.
+tests/unit/prompts/test_data.py uses the same functions for its threshold check.
 
     python tests/benchmarks/langid_report.py                   # built-in sets, markdown table
     python tests/benchmarks/langid_report.py --misses          # also list every disagreeing line

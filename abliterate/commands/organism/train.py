@@ -91,7 +91,7 @@ REFUSALS: dict[str, tuple[str, ...]] = {
 }
 """Short refusals per language. Each language's variants share an opening whose first token the base model
 almost never starts a harmless answer with (so the first answer token decides refusal), and the marker judge
-recognises every one (tests/test_organism.py checks)."""
+recognises every one (tests/e2e/test_organism.py checks)."""
 
 
 class OrganismRecipe(BaseModel):

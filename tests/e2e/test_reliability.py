@@ -15,8 +15,8 @@ from pathlib import Path
 import needs
 import pytest
 import torch
+from helpers import assert_one_line_error, run
 from safetensors.torch import load_file, save_file
-from test_cli import assert_one_line_error, run
 from tiny_models import build
 
 from abliterate.direction.vector import Direction
@@ -157,7 +157,7 @@ class TestInterruption:
 
 
     def test_interrupted_edit_restarts_to_the_same_result(self, tmp_path_factory: pytest.TempPathFactory) -> None:
-        from test_cli import FAST
+        from helpers import FAST
         from tiny_models import save_tokenizer
 
         work = tmp_path_factory.mktemp("killedit")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from helpers import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.commands.organism.assets import smollm2_gguf

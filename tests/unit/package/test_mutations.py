@@ -24,4 +24,4 @@ def test_mutation_applies_exactly_once(mutation: Mutation) -> None:
 
 def test_mutation_names_are_unique() -> None:
     assert len({m.name for m in MUTATIONS}) == len(MUTATIONS)
-    assert Path(__file__).parent == ROOT / "tests"
+    assert Path(__file__).parents[2] == ROOT / "tests"

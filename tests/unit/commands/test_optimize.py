@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, run
 from tiny_models import build
 from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from test_cli import FAST, assert_one_line_error, run
+from helpers import FAST, assert_one_line_error, run
 
 from abliterate import cli
 

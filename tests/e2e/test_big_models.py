@@ -36,7 +36,7 @@ from abliterate.evaluation.generate import stop_ids
 from abliterate.model.loading import ModelSource, load_model
 from abliterate.settings import build_settings
 
-FAKE_VLLM = Path(__file__).parent / "fake_vllm"
+FAKE_VLLM = Path(__file__).parents[1] / "fake_vllm"
 WIDE = dict(hidden_size=64, intermediate_size=128, head_dim=16)  # bitsandbytes' CPU 4-bit kernels need 64 | inputs
 SEARCH = ["--n-train", "8", "--n-val", "4", "--batch-size", "8", "--refusal-tokens", "I", "--refusal-tokens", "Sorry",
           "--layer", "1", "--pos", "-1", "--no-filter-prompts"]  # one candidate, the same prompts for every run

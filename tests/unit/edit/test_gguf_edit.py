@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from test_cli import FAST, assert_one_line_error, run
+from helpers import FAST, assert_one_line_error, run
 from tiny_gguf import write_tiny_gguf
 from transformers import AutoModelForCausalLM
 

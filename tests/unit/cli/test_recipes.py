@@ -14,7 +14,7 @@ from abliterate.direction.vector import Direction
 from abliterate.model.archs import lookup
 from abliterate.settings import build_settings, load_recipe
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[3] / "recipes").glob("*.yaml"))
 
 # Offline stand-in for each recipe model's config.json: (model_type, num_hidden_layers). A new recipe must add
 # its model here, which is what checks that its family is supported without contacting the hub.
@@ -112,7 +112,7 @@ def test_bad_recipe_value(tmp_path: Path) -> None:
 
 def test_cli_flags_override_recipe(tmp_path: Path) -> None:
     """`abliterate edit --recipe R --layer 1 --method standard`: the flags win, the rest comes from R."""
-    from test_cli import run
+    from helpers import run
     from tiny_models import build, save_tokenizer
 
     model = tmp_path / "tiny-llama"

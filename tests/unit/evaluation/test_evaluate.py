@@ -273,7 +273,7 @@ def _mini_mc_accuracy_by_hand(target: EvalModel, limit: int) -> tuple[float, flo
     """acc and acc_norm of the first `limit` questions: the chat-rendered question, each choice's summed log-prob
     after it (the template's trailing space moves to the choice, as lm-eval does), argmax; acc_norm divides the
     log-likelihood by the choice's length in characters."""
-    path = Path(__file__).parent.parent / "abliterate" / "data" / "tasks" / "abliterate_mini_mc.jsonl"
+    path = Path(__file__).parents[3] / "abliterate" / "data" / "tasks" / "abliterate_mini_mc.jsonl"
     docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][:limit]
     tok, hits, norm_hits = target.tokenizer, 0, 0
     for doc in docs:

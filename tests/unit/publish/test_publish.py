@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import FAST
 from huggingface_hub import ModelCard
-from test_cli import FAST
 from tiny_models import build, save_tokenizer
 
 from abliterate.direction.vector import Direction

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run
+from helpers import assert_one_line_error, run
 from tiny_models import FAMILIES, build, load
 
 from abliterate.direction.vector import Direction
