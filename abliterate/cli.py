@@ -26,10 +26,12 @@ from abliterate.model.archs import register_file
 from abliterate.settings import (
     CrosslingualSettings,
     OptimizeSettings,
+    OrganismSettings,
     Section,
     SectionT,
     Settings,
     build_command_settings,
+    build_section,
     build_settings,
 )
 
@@ -536,17 +538,16 @@ def optimize_command(model: str | None, recipe: Path | None, **given: Any) -> No
 
 
 @cli.command("organism")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also copy the organism to this folder.")
-@click.option("--force", is_flag=True, help="Rebuild even if a cached organism exists.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def organism_command(out: Path | None, force: bool, overwrite: bool) -> None:
+@section_options(OrganismSettings)
+def organism_command(**given: Any) -> None:
     """Build (or reuse) the model organism: SmolLM2-135M-Instruct safety-tuned to refuse (docs/organism.md)."""
-    from abliterate.commands.organism.train import build_organism, copy_organism, read_info
+    from abliterate.commands.organism.train import build_organism, copy_organism, named_recipe, read_info
 
-    folder = build_organism(force=force)
-    if out is not None:
-        folder = copy_organism(folder, out, overwrite=overwrite)
-    click.echo(f"organism: {folder}")
+    options = build_section(OrganismSettings, given)
+    folder = build_organism(force=options.force, recipe=named_recipe(options.recipe), threads=options.threads)
+    if options.out is not None:
+        folder = copy_organism(folder, options.out, overwrite=options.overwrite)
+    click.echo(f"organism ({options.recipe}): {folder}")
     heldout = read_info(folder).get("heldout_val_refusal")
     if heldout:
         click.echo(f"held-out refusal rates: {json.dumps(heldout)}")

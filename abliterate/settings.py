@@ -243,7 +243,28 @@ class OptimizeSettings(Section):
     plots: bool = Field(True, description="Write pareto.png.")
 
 
+class OrganismSettings(Section):
+    """What `abliterate organism` is told: which named recipe, where to copy it, how many CPU threads.
+
+    Not a recipe section (`--recipe` here names a built-in organism recipe, not a YAML file).
+    """
+
+    command = "organism"
+
+    recipe: Literal["english", "multilingual"] = Field(
+        "english", description="Named organism recipe: english (the demo's) or multilingual (docs/organism.md)."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for the build (default: torch's setting); set it when other torch "
+        "jobs share the cores, or the build slows several times over.",
+    )
+    force: bool = Field(False, description="Rebuild even if a cached organism exists.")
+    out: Path | None = Field(None, description="Also copy the organism to this folder.")
+    overwrite: bool = Field(False, description="Replace an existing --out.")
+
+
 SECTIONS: tuple[type[Section], ...] = (CrosslingualSettings, OptimizeSettings)
+"""The sections a YAML recipe may carry keys of."""
 SectionT = TypeVar("SectionT", bound=Section)
 
 

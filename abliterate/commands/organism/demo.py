@@ -1,9 +1,10 @@
 """`abliterate demo`: the whole method, end to end, on the model organism, in minutes on a CPU.
 
-Stages: build or reuse the organism (SmolLM2-135M-Instruct safety-tuned by `commands.organism.train`) and copy
-it to `DIR/organism/`; run the normal `edit --lang en` pipeline on it into `DIR/edited/`, with its normal
-before/after evaluation on a subset that fits a CPU (a few languages, a few dozen built-in *test* prompts each,
-short greedy answers, the small offline lm-eval task), which writes `DIR/edited/abliterate/report.{json,md,html}`;
+Stages: build or reuse the organism (SmolLM2-135M-Instruct safety-tuned by `commands.organism.train`, the
+recipe `DemoPlan.organism`) and copy it to `DIR/organism/`; run the normal `edit --lang LANG` pipeline
+(`DemoPlan.lang`) on it into `DIR/edited/`, with its normal before/after evaluation on a subset that fits a
+CPU (a few languages, a few dozen built-in *test* prompts each, short greedy answers, the small offline lm-eval
+task), which writes `DIR/edited/abliterate/report.{json,md,html}`;
 then print the headline numbers and write them to `DIR/demo.json` and `DIR/demo.md`.
 """
 
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from abliterate.commands.edit import EditResult, run_edit
-from abliterate.commands.organism.train import build_organism, copy_organism, read_info
+from abliterate.commands.organism.train import build_organism, copy_organism, named_recipe, read_info
 from abliterate.evaluation.report_record import ReportRecord
 from abliterate.settings import Settings
 from abliterate.storage.atomic import check_output, write_json
@@ -28,8 +29,12 @@ DEMO_MD = "demo.md"
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo runs: the direction search (smaller than the default) and the evaluation subset."""
+    """What the demo runs: the organism, the direction search (smaller than the default) and the evaluation subset."""
 
+    organism: str = "english"
+    """The named organism recipe (`commands.organism.train.RECIPES`)."""
+    lang: str = "en"
+    """The language of the prompts the direction is taken from (`edit --lang`)."""
     langs: tuple[str, ...] = ("en", "de", "fr")
     n_prompts: int = 32
     max_new_tokens: int = 64
@@ -82,17 +87,17 @@ class DemoResult:
         return data
 
 
-def prepare(out: Path, overwrite: bool) -> Path:
+def prepare(out: Path, overwrite: bool, plan: DemoPlan) -> Path:
     """Check DIR, build or reuse the organism and copy it to DIR/organism."""
     out = check_output(out, overwrite=overwrite)
-    cached = build_organism()
+    cached = build_organism(recipe=named_recipe(plan.organism))
     return copy_organism(cached, out / "organism", overwrite=overwrite)
 
 
 def edit_settings(organism: Path, out: Path, overwrite: bool, plan: DemoPlan) -> Settings:
-    """`edit --lang en` on the organism: a smaller search, and the evaluation on the plan's subset."""
+    """`edit --lang LANG` on the organism: a smaller search, and the evaluation on the plan's subset."""
     return Settings(
-        model=str(organism), lang="en", out=out / "edited", overwrite=overwrite,
+        model=str(organism), lang=plan.lang, out=out / "edited", overwrite=overwrite,
         n_train=plan.n_train, n_val=plan.n_val, screen_prompts=plan.screen_prompts, finalists=plan.finalists,
         kl_threshold=plan.kl_threshold, batch_size=plan.batch_size, dtype="float32", device="cpu",
         eval=True, langs=",".join(plan.langs), eval_prompts=plan.n_prompts, max_new_tokens=plan.max_new_tokens,
@@ -122,8 +127,8 @@ def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object
         "# abliterate demo",
         "",
         f"Model organism: SmolLM2-135M-Instruct safety-tuned by `abliterate organism` "
-        f"(recipe {organism_info.get('recipe_hash', '?')}), copied to `{result.organism}`.",
-        f"Edited checkpoint: `{result.edited}` (direction from English prompts: layer {result.layer}, "
+        f"(recipe `{plan.organism}`, hash {organism_info.get('recipe_hash', '?')}), copied to `{result.organism}`.",
+        f"Edited checkpoint: `{result.edited}` (direction from `{plan.lang}` prompts: layer {result.layer}, "
         f"position {result.pos}).",
         "",
         f"**This is a subset evaluation**: {plan.n_prompts} built-in *test* prompts per language and kind, "
@@ -155,11 +160,11 @@ def write_summary(result: DemoResult, plan: DemoPlan) -> None:
 
 
 def run_demo(out: Path, overwrite: bool = False, plan: DemoPlan | None = None) -> DemoResult:
-    """Organism -> `edit --lang en` with its evaluation on a subset -> headline numbers in DIR/demo.*"""
+    """Organism -> `edit --lang LANG` with its evaluation on a subset -> headline numbers in DIR/demo.*"""
     plan = plan or DemoPlan()
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    organism = prepare(Path(out), overwrite)
+    organism = prepare(Path(out), overwrite, plan)
     seconds["organism"] = round(time.perf_counter() - start, 1)
     out = organism.parent
     mark = time.perf_counter()

@@ -26,6 +26,8 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate import progress
 from abliterate.commands.organism.assets import SMOLLM2_GGUF, SMOLLM2_PACKAGE, smollm2_gguf
-from abliterate.errors import DataError, OutputError
+from abliterate.errors import DataError, OutputError, UsageError
 from abliterate.evaluation.generate import generate, refusal_rate, stop_ids
 from abliterate.evaluation.judge import MarkerJudge
 from abliterate.model.chat import encode, render
@@ -88,10 +90,25 @@ REFUSALS: dict[str, tuple[str, ...]] = {
         "Sorry, maar ik kan je niet helpen met dit verzoek.",
         "Sorry, dat kan ik niet doen. Het kan ernstige schade veroorzaken.",
     ),
+    "ru": (
+        "Извините, но я не могу помочь с этим запросом.",
+        "Извините, я не могу с этим помочь.",
+        "Извините, но я не могу этого сделать. Это может причинить серьёзный вред.",
+    ),
+    "zh": (
+        "抱歉，我无法帮助处理这个请求。",
+        "抱歉，我不能协助这件事。",
+        "抱歉，我不能这样做。这可能造成严重伤害。",
+    ),
 }
 """Short refusals per language. Each language's variants share an opening whose first token the base model
 almost never starts a harmless answer with (so the first answer token decides refusal), and the marker judge
 recognises every one (tests/e2e/test_organism.py checks)."""
+
+HASHED_REFUSAL_LANGUAGES = ("en", "de", "fr", "es", "it", "nl")
+"""The languages whose refusal texts every recipe hash covers (the first six, as before ru and zh were added);
+the texts of any other language enter the hash only of recipes that train on it, so adding a language's
+refusals does not rename (and rebuild) the organisms that do not use it."""
 
 
 class OrganismRecipe(BaseModel):
@@ -125,21 +142,94 @@ class OrganismRecipe(BaseModel):
     refusals_version: int = Field(REFUSALS_VERSION, description="Version of the refusal texts.")
     check_prompts: int = Field(16, ge=0, description="Held-out val prompts per language and kind for the check.")
     check_tokens: int = Field(16, ge=1, description="New tokens per answer in the held-out check.")
+    # Fields added with the multilingual recipe: a recipe hashes them only when they differ from these
+    # defaults (`recipe_hash`), so the recipes written before them keep their hash and cached organism.
+    refusal_language: str | None = Field(
+        None, description="Refuse every harmful prompt in this language (one shared opener); None: the prompt's own."
+    )
+    group_translations: bool = Field(
+        False,
+        description="Batch a prompt id in every training language together (harmful and harmless, the built-in "
+        "prompts of one id are translations); one id per step, `batch_size` unused. Needed by `align_weight`.",
+    )
+    align_weight: float = Field(
+        0.0, ge=0, description="Weight of the pull of each translation's residual toward its English twin's."
+    )
+    align_layer: int = Field(15, ge=1, description="Residual stream (output of this many layers) that is aligned.")
+    margin_at_divergence: bool = Field(
+        False,
+        description="Put the harmless margin at the first answer token where the base answer and the refusal "
+        "differ (not always the first: in ru the refusal and most answers open with the same byte token).",
+    )
+    check_languages: tuple[str, ...] = Field(
+        (), description="Languages outside the training data also checked on held-out prompts (transfer)."
+    )
+
+
+NEW_FIELDS_DEFAULTS: dict[str, Any] = {
+    "refusal_language": None, "group_translations": False, "align_weight": 0.0, "align_layer": 15,
+    "margin_at_divergence": False, "check_languages": [],
+}
+"""Recipe fields left out of the hash at these values (the JSON dump's values)."""
+
+
+RECIPES: dict[str, OrganismRecipe] = {
+    "english": OrganismRecipe(),
+    "multilingual": OrganismRecipe(
+        languages=("en", "de", "fr", "es", "ru", "zh"), n_per_language=128, n_first_language=128, steps=150,
+        refusal_language="en", check_languages=("it",),
+    ),
+}
+"""The named recipes (`abliterate organism --recipe NAME`, the names of `settings.OrganismSettings.recipe`):
+`english`, the first organism (English-centred: 128 English pairs and 32 in each of five other Latin-script
+languages; its hash, and so its cached folder, is that of every earlier build), and `multilingual`,
+safety-tuned on the full train split of six languages in three scripts (docs/organism.md has the variants
+measured)."""
+DEFAULT_RECIPE = "english"
+
+
+def named_recipe(name: str) -> OrganismRecipe:
+    """The recipe called `name` in `RECIPES`."""
+    if name not in RECIPES:
+        raise UsageError(f"unknown organism recipe {name!r}", hint=f"use one of: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` intra-op CPU threads (unchanged if None), restoring the previous count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def recipe_hash(recipe: OrganismRecipe) -> str:
     """Short stable hash of the recipe, the builder version and the built-in prompts it trains and checks on."""
-    fields = {"builder": BUILDER_VERSION, "refusals": REFUSALS, "prompts": _prompts_digest(recipe),
-              **recipe.model_dump(mode="json")}
+    dump = recipe.model_dump(mode="json")
+    for name, default in NEW_FIELDS_DEFAULTS.items():
+        if dump[name] == default:
+            del dump[name]
+    refusals = {lang: texts for lang, texts in REFUSALS.items()
+                if lang in HASHED_REFUSAL_LANGUAGES or lang in _refusal_languages(recipe)}
+    fields = {"builder": BUILDER_VERSION, "refusals": refusals, "prompts": _prompts_digest(recipe), **dump}
     payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _refusal_languages(recipe: OrganismRecipe) -> set[str]:
+    """The languages whose refusal texts the recipe trains on."""
+    return {recipe.refusal_language} if recipe.refusal_language else set(recipe.languages)
 
 
 def _prompts_digest(recipe: OrganismRecipe) -> str:
     """sha256 of the train prompts and held-out check prompts (a rewritten built-in line changes the organism)."""
     source = sources.builtin()
     texts = [p.instruction for kind in KINDS for p in train_prompts(recipe, kind)]
-    texts += [t for lang in recipe.languages for kind in KINDS
+    texts += [t for lang in (*recipe.languages, *recipe.check_languages) for kind in KINDS
               for t in source.instructions(lang, kind, "val", recipe.check_prompts)]
     return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()[:16]
 
@@ -247,7 +337,7 @@ def make_examples(
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for p in harmful:
-        text = refusal_text(p.lang, seen.get(p.lang, 0))
+        text = refusal_text(recipe.refusal_language or p.lang, seen.get(p.lang, 0))
         seen[p.lang] = seen.get(p.lang, 0) + 1
         answer = encode(tokenizer, [text])[0] + [eos]
         examples.append(Example(p.lang, "harmful", p.instruction, answer, _pair_key(p)))
@@ -288,11 +378,61 @@ def refusal_openers(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return {lang: encode(tokenizer, [texts[0]])[0][0] for lang, texts in REFUSALS.items()}
 
 
+def refusal_prefixes(tokenizer: PreTrainedTokenizerBase, recipe: OrganismRecipe) -> dict[str, list[int]]:
+    """Per training language, the tokens of its first refusal (that of `refusal_language` when set)."""
+    return {lang: encode(tokenizer, [refusal_text(recipe.refusal_language or lang, 0)])[0]
+            for lang in recipe.languages}
+
+
+def margin_targets(
+    recipe: OrganismRecipe, batch: list[Example], prefixes: dict[str, list[int]], openers: dict[str, int]
+) -> tuple[list[int], list[int]]:
+    """Per row: the answer-token offset of the harmless margin and the refusal token it must beat there.
+
+    Offset 0 and the language's opener, unless `margin_at_divergence`: then the first offset where the base
+    answer leaves the refusal's tokens (a harmful row, or an answer that never leaves them, keeps offset 0).
+    """
+    offsets: list[int] = []
+    tokens: list[int] = []
+    for ex in batch:
+        prefix = prefixes.get(ex.lang) or [openers[recipe.refusal_language or ex.lang]]
+        at = 0
+        if recipe.margin_at_divergence and ex.kind == "harmless":
+            while at < min(len(prefix), len(ex.answer)) - 1 and ex.answer[at] == prefix[at]:
+                at += 1
+        offsets.append(at)
+        tokens.append(prefix[at] if recipe.margin_at_divergence else openers[recipe.refusal_language or ex.lang])
+    return offsets, tokens
+
+
 def _answer_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
     """Float32 logits at the answer positions `where` only (the output head skips the prompt)."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    logits: torch.Tensor = model.get_output_embeddings()(hidden[where]).float()
-    return logits
+    return _answer_logits_and_residual(model, ids, mask, where, None)[0]
+
+
+def _answer_logits_and_residual(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, where: torch.Tensor, layer: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_answer_logits`, and the residual stream after `layer` layers at every position (None if no layer)."""
+    out = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False,
+                              output_hidden_states=layer is not None)
+    logits: torch.Tensor = model.get_output_embeddings()(out.last_hidden_state[where]).float()
+    return logits, (out.hidden_states[layer] if layer is not None else None)
+
+
+def alignment_loss(residual: torch.Tensor, batch: list[Example], last: torch.Tensor) -> torch.Tensor:
+    """Mean over non-English rows of ||h - h_en||^2 / ||h_en||^2 at the last prompt (template) token, where
+    h_en is the row of the same prompt id and kind in English, detached (English is the anchor, not pulled);
+    0 when the batch has no such pair. `last[i]` is row i's last prompt position."""
+    h = residual[torch.arange(len(batch)), last]
+    anchors = {(ex.pair.split(":")[-1], ex.kind): i for i, ex in enumerate(batch) if ex.lang == "en"}
+    terms = []
+    for i, ex in enumerate(batch):
+        j = anchors.get((ex.pair.split(":")[-1], ex.kind))
+        if ex.lang != "en" and j is not None:
+            target = h[j].detach()
+            terms.append((h[i] - target).pow(2).sum() / target.pow(2).sum())
+    return torch.stack(terms).mean() if terms else h.sum() * 0.0
 
 
 def example_loss(
@@ -302,20 +442,23 @@ def example_loss(
     batch: list[Example],
     recipe: OrganismRecipe,
     openers: dict[str, int],
+    prefixes: dict[str, list[int]] | None = None,
 ) -> torch.Tensor:
     """Weighted loss over the answer tokens of a batch (see the module docstring); `openers` is
-    `refusal_openers(tokenizer)`, computed once per training run:
+    `refusal_openers(tokenizer)` and `prefixes` `refusal_prefixes(tokenizer, recipe)`, computed once per run:
 
     - harmful rows: cross-entropy of the refusal tokens;
     - harmless rows: KL(reference || model) of the next-token distribution along the base's own answer, plus a
       margin loss at the first answer token: the base's first token must beat the language's refusal opener by
       `recipe.margin` logits. Greedy decoding picks the argmax, and the base model's first-token distribution is
       flat in most languages (top probability 0.05-0.3), so keeping the refusal opener merely improbable is not
-      enough: it must lose to the answer the base would give.
+      enough: it must lose to the answer the base would give;
+    - if `recipe.align_weight`: that times `alignment_loss` at layer `recipe.align_layer`.
     """
     ids, mask, targets, weights = _batch_tensors(tokenizer, batch, recipe.first_token_weight)
     where = weights > 0
-    logits = _answer_logits(model, ids, mask, where)
+    layer = recipe.align_layer if recipe.align_weight > 0 else None
+    logits, residual = _answer_logits_and_residual(model, ids, mask, where, layer)
     with torch.no_grad():
         ref_logp = torch.log_softmax(_answer_logits(reference, ids, mask, where), dim=-1)
     w = weights[where]
@@ -325,13 +468,18 @@ def example_loss(
     ce = -logp.gather(1, targets[where].unsqueeze(1)).squeeze(1)
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
     per_token = torch.where(harmless, recipe.kl_weight * kl, ce)
-    first = (where.cumsum(1) == 1) & where  # each row's first answer position
-    is_first = first[where] & harmless
-    opener = torch.tensor([openers[ex.lang] for ex in batch])[row]
+    offsets, opener_ids = margin_targets(recipe, batch, prefixes or {}, openers)
+    at = where.cumsum(1) - 1  # answer-token offset of each answer position
+    is_first = ((at == torch.tensor(offsets).unsqueeze(1)) & where)[where] & harmless
+    opener = torch.tensor(opener_ids)[row]
     gap = logits.gather(1, opener.unsqueeze(1)).squeeze(1) - logits.gather(1, targets[where].unsqueeze(1)).squeeze(1)
     margin = torch.nn.functional.softplus(recipe.margin + gap) * is_first
     total = (per_token * w).sum() + recipe.margin_weight * recipe.first_token_weight * margin.sum()
-    return total / w.sum()
+    loss = total / w.sum()
+    if residual is not None:
+        last = where.float().argmax(1)  # first answer-predicting position = last prompt token
+        loss = loss + recipe.align_weight * alignment_loss(residual, batch, last)
+    return loss
 
 
 def _order(examples: list[Example], steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -352,6 +500,20 @@ def _order(examples: list[Example], steps: int, batch_size: int, seed: int) -> l
     return [flat[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+def _order_grouped(examples: list[Example], steps: int, seed: int) -> list[list[int]]:
+    """One prompt id per batch (its harmful and harmless prompts in every language: translations of each
+    other), `steps` batches, the ids reshuffled every epoch with a seeded generator."""
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.pair.split(":")[-1], []).append(i)
+    units = list(groups.values())
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        batches += [units[u] for u in torch.randperm(len(units), generator=gen).tolist()]
+    return batches[:steps]
+
+
 def _lr_factor(step: int, recipe: OrganismRecipe) -> float:
     """Linear warm-up over `warmup_steps`, then linear decay to zero at the last step (if `decay`)."""
     if step < recipe.warmup_steps:
@@ -369,6 +531,7 @@ def train(
     reference = copy.deepcopy(model).eval()  # the base model, frozen: the KL target for harmless answers
     reference.requires_grad_(False)
     openers = refusal_openers(tokenizer)
+    prefixes = refusal_prefixes(tokenizer, recipe)
     model.get_input_embeddings().weight.requires_grad_(False)
     output = model.get_output_embeddings()
     if output is not None:
@@ -379,9 +542,10 @@ def train(
     record = TrainLog()
     start = time.perf_counter()
     model.train()
-    batches = _order(examples, recipe.steps, recipe.batch_size, recipe.seed)
+    batches = (_order_grouped(examples, recipe.steps, recipe.seed) if recipe.group_translations
+               else _order(examples, recipe.steps, recipe.batch_size, recipe.seed))
     for step, indices in enumerate(progress.track(batches, "safety-tuning", len(batches), "step")):
-        loss = example_loss(model, reference, tokenizer, [examples[i] for i in indices], recipe, openers)
+        loss = example_loss(model, reference, tokenizer, [examples[i] for i in indices], recipe, openers, prefixes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
@@ -406,7 +570,8 @@ def check_heldout(
     source = sources.builtin()
     rates: dict[str, dict[str, float]] = {}
     n = recipe.check_prompts
-    for lang in progress.track(recipe.languages, "held-out check", len(recipe.languages), "lang"):
+    langs = (*recipe.languages, *recipe.check_languages)
+    for lang in progress.track(langs, "held-out check", len(langs), "lang"):
         rates[lang] = {}
         for kind in KINDS:
             instructions = source.instructions(lang, kind, "val", n)
@@ -439,13 +604,20 @@ def read_info(folder: Path) -> dict[str, Any]:
     return data
 
 
-def build_organism(force: bool = False, recipe: OrganismRecipe | None = None) -> Path:
-    """The cached organism folder for `recipe` (default recipe), building it first if needed or if `force`."""
-    recipe = recipe or OrganismRecipe()
+def build_organism(force: bool = False, recipe: OrganismRecipe | None = None, threads: int | None = None) -> Path:
+    """The cached organism folder for `recipe` (default: the `english` recipe), building it first if needed or
+    if `force`, with `threads` CPU threads (default: torch's current setting)."""
+    recipe = recipe or RECIPES[DEFAULT_RECIPE]
     target = organism_folder(recipe)
     if (target / INFO_FILE).is_file() and not force:
         log.info("using the cached organism %s", target)
         return target
+    with torch_threads(threads):
+        return _build(recipe, target, force)
+
+
+def _build(recipe: OrganismRecipe, target: Path, force: bool) -> Path:
+    """Build the organism of `recipe` into `target` (every stage; see `build_organism`)."""
     start = time.perf_counter()
     set_seed(recipe.seed)
     base = base_folder()
@@ -466,6 +638,7 @@ def build_organism(force: bool = False, recipe: OrganismRecipe | None = None) ->
         "train": asdict(record),
         "heldout_val_refusal": heldout,
         "build_seconds": round(time.perf_counter() - start, 1),
+        "threads": torch.get_num_threads(),
     }
     try:
         save_organism(model, tokenizer, target, info, overwrite=force)
