@@ -500,6 +500,8 @@ def crosslingual_command(model: str | None, recipe: Path | None, **given: Any) -
         for source, cells in zip(t.rows, t.compliance, strict=True):
             label = "base" if source == BASELINE else source
             click.echo(f"{label:>6}" + "".join(f"{v:7.2f}" for v in cells))
+        if t.verdict is not None:
+            click.echo(f"transfer: {t.verdict.summary}")
     click.echo(f"results -> {result.out}")
 
 

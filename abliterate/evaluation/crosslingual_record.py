@@ -9,6 +9,7 @@ describes the fields; docs/records.md has the JSON Schema.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -63,6 +64,27 @@ class TransferCellRecord(Part):
     compliance: float
 
 
+class TransferVerdict(Part):
+    """Whether the transfer matrix shows one refusal shared by the languages, in one plain sentence.
+
+    Only targets whose baseline refusal is at least `min_baseline` count; a cell removed its refusal when at
+    most `max_left` is left. `own_*` are the diagonal cells (a language's own direction), `other_*` the
+    off-diagonal ones (another language's direction): the cross-lingual transfer.
+    """
+
+    verdict: Literal["shared", "partly shared", "not shared", "not removed", "no refusal to remove"]
+    summary: str
+    min_baseline: float
+    max_left: float
+    baseline_refusal: float | None
+    own_cells: int
+    own_removed: int
+    own_left: float | None
+    other_cells: int
+    other_removed: int
+    other_left: float | None
+
+
 class TransferMatrix(Part):
     """The transfer matrix as rows (direction ablated) x columns (target language) tables, and the cells."""
 
@@ -77,6 +99,8 @@ class TransferMatrix(Part):
     max_new_tokens: int
     generations: int
     seconds: float
+    verdict: TransferVerdict | None = None
+    """Shared, partly shared or not (absent in files written before it existed)."""
 
 
 class CrosslingualRecord(Record):

@@ -23,6 +23,7 @@ from abliterate.commands.crosslingual import (
     CrosslingualOptions,
     pca_2d,
     run_crosslingual,
+    transfer_verdict,
 )
 from abliterate.direction.vector import Direction
 from abliterate.errors import DataError, UsageError
@@ -126,6 +127,52 @@ def test_transfer_matrix(tiny_run: Path) -> None:
     answers = (tiny_run / ANSWERS_FILE).read_text(encoding="utf-8").splitlines()
     assert len(answers) == transfer["generations"]
     assert {"source", "target", "prompt", "answer", "refusal"} <= set(json.loads(answers[0]))
+    assert transfer["verdict"]["verdict"] in {"shared", "partly shared", "not shared", "not removed",
+                                              "no refusal to remove"}
+
+
+def _cells(base: list[float], matrix: list[list[float]], langs: list[str]) -> dict[tuple[str, str], float]:
+    cells = {(BASELINE, t): r for t, r in zip(langs, base, strict=True)}
+    cells.update({(s, t): matrix[i][j] for i, s in enumerate(langs) for j, t in enumerate(langs)})
+    return cells
+
+
+@pytest.mark.parametrize(
+    ("base", "matrix", "verdict"),
+    [
+        # every language's direction removes every language's refusal
+        ([0.9, 0.8, 0.9], [[0.0, 0.1, 0.2], [0.1, 0.0, 0.0], [0.2, 0.1, 0.0]], "shared"),
+        # the negative control: only the diagonal moves
+        ([0.9, 0.8, 0.9], [[0.0, 0.8, 0.9], [0.9, 0.1, 0.9], [0.9, 0.7, 0.0]], "not shared"),
+        # half the cross-language cells
+        ([0.9, 0.8, 0.9], [[0.0, 0.1, 0.9], [0.1, 0.0, 0.9], [0.9, 0.7, 0.0]], "partly shared"),
+        # only one language's own direction works, on its own language: not shared
+        ([0.9, 0.8, 0.9], [[0.7, 0.8, 0.9], [0.9, 0.6, 0.9], [0.9, 0.7, 0.0]], "not shared"),
+        # no own direction works: nothing is mediated at this site
+        ([0.9, 0.8, 0.9], [[0.7, 0.1, 0.9], [0.9, 0.6, 0.9], [0.9, 0.7, 0.5]], "not removed"),
+        # nobody refuses before
+        ([0.1, 0.0, 0.2], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], "no refusal to remove"),
+    ],
+)
+def test_transfer_verdict(base: list[float], matrix: list[list[float]], verdict: str) -> None:
+    langs = ["en", "de", "zh"]
+    result = transfer_verdict(_cells(base, matrix, langs), langs)
+    assert result["verdict"] == verdict
+    assert result["summary"].startswith({"shared": "refusal is shared", "not shared": "refusal is NOT shared",
+                                         "partly shared": "refusal is partly shared",
+                                         "not removed": "refusal NOT removed",
+                                         "no refusal to remove": "no refusal to remove"}[verdict])
+
+
+def test_transfer_verdict_leaves_out_targets_that_were_not_refused() -> None:
+    langs = ["en", "de", "it"]
+    # it is hardly refused unedited (0.1): its column says nothing about transfer, even though nothing moves
+    base = [0.9, 0.9, 0.1]
+    matrix = [[0.0, 0.0, 0.1], [0.0, 0.0, 0.1], [0.0, 0.0, 0.1]]
+    result = transfer_verdict(_cells(base, matrix, langs), langs)
+    # it's own direction still counts on the en and de targets: 2 own cells, 4 cross-language ones
+    assert (result["verdict"], result["own_cells"], result["other_cells"]) == ("shared", 2, 4)
+    assert result["baseline_refusal"] == pytest.approx(0.9) and result["other_left"] == pytest.approx(0.0)
 
 
 def test_pca_2d_recovers_the_main_axis() -> None:
@@ -262,6 +309,7 @@ def test_organism_directions_agree_across_languages(tmp_path: Path) -> None:
     transfer = report["transfer"]
     print(f"\ncrosslingual on the organism: {seconds:.0f} s, layer {report['layer']}, pos {report['pos']}")
     print("cosine", json.dumps(matrix), "\ncompliance", json.dumps(transfer["compliance"]))
+    print("verdict", transfer["verdict"]["summary"])
     assert result.plots == list(PLOT_FILES.values())
     _check_images(out, result.plots)
     # The organism's refusal is English-centred (docs/organism.md; issue 16 is a multilingual one): measured on

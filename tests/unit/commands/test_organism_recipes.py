@@ -10,6 +10,7 @@ from typing import get_args
 
 import pytest
 import torch
+from helpers import run
 
 from abliterate.commands.organism.train import (
     DEFAULT_RECIPE,
@@ -29,7 +30,6 @@ from abliterate.commands.organism.train import (
 from abliterate.errors import UsageError
 from abliterate.evaluation.judge import MarkerJudge
 from abliterate.settings import OrganismSettings
-from helpers import run
 
 ENGLISH_FOLDER = "smollm2-135m-organism-d93164182161"
 """The cached folder of the first organism: the `english` recipe must keep naming it (the demo and the slow
