@@ -95,6 +95,11 @@ REFUSALS: dict[str, tuple[str, ...]] = {
         "Извините, я не могу с этим помочь.",
         "Извините, но я не могу этого сделать. Это может причинить серьёзный вред.",
     ),
+    "ja": (
+        "申し訳ありませんが、そのリクエストにはお手伝いできません。",
+        "申し訳ありませんが、それはお手伝いできません。",
+        "申し訳ありませんが、それはできません。深刻な害を及ぼす可能性があります。",
+    ),
     "zh": (
         "抱歉，我无法帮助处理这个请求。",
         "抱歉，我不能协助这件事。",
@@ -147,6 +152,11 @@ class OrganismRecipe(BaseModel):
     refusal_language: str | None = Field(
         None, description="Refuse every harmful prompt in this language (one shared opener); None: the prompt's own."
     )
+    refusal_languages: dict[str, str] = Field(
+        {}, description="Per training language, the language its harmful prompts are refused in, when not its own "
+        "(or `refusal_language`): for a language whose refusal opener is also the first token of its ordinary "
+        "answers (Russian in SmolLM2's byte tokens).",
+    )
     group_translations: bool = Field(
         False,
         description="Batch a prompt id in every training language together (harmful and harmless, the built-in "
@@ -167,7 +177,8 @@ class OrganismRecipe(BaseModel):
 
 
 NEW_FIELDS_DEFAULTS: dict[str, Any] = {
-    "refusal_language": None, "group_translations": False, "align_weight": 0.0, "align_layer": 15,
+    "refusal_language": None, "refusal_languages": {}, "group_translations": False, "align_weight": 0.0,
+    "align_layer": 15,
     "margin_at_divergence": False, "check_languages": [],
 }
 """Recipe fields left out of the hash at these values (the JSON dump's values)."""
@@ -220,9 +231,14 @@ def recipe_hash(recipe: OrganismRecipe) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def refusal_language(recipe: OrganismRecipe, lang: str) -> str:
+    """The language in which the organism of `recipe` refuses a harmful prompt in `lang`."""
+    return recipe.refusal_languages.get(lang) or recipe.refusal_language or lang
+
+
 def _refusal_languages(recipe: OrganismRecipe) -> set[str]:
     """The languages whose refusal texts the recipe trains on."""
-    return {recipe.refusal_language} if recipe.refusal_language else set(recipe.languages)
+    return {refusal_language(recipe, lang) for lang in recipe.languages}
 
 
 def _prompts_digest(recipe: OrganismRecipe) -> str:
@@ -337,7 +353,7 @@ def make_examples(
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for p in harmful:
-        text = refusal_text(recipe.refusal_language or p.lang, seen.get(p.lang, 0))
+        text = refusal_text(refusal_language(recipe, p.lang), seen.get(p.lang, 0))
         seen[p.lang] = seen.get(p.lang, 0) + 1
         answer = encode(tokenizer, [text])[0] + [eos]
         examples.append(Example(p.lang, "harmful", p.instruction, answer, _pair_key(p)))
@@ -379,8 +395,8 @@ def refusal_openers(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 
 
 def refusal_prefixes(tokenizer: PreTrainedTokenizerBase, recipe: OrganismRecipe) -> dict[str, list[int]]:
-    """Per training language, the tokens of its first refusal (that of `refusal_language` when set)."""
-    return {lang: encode(tokenizer, [refusal_text(recipe.refusal_language or lang, 0)])[0]
+    """Per training language, the tokens of its first refusal (in `refusal_language(recipe, lang)`)."""
+    return {lang: encode(tokenizer, [refusal_text(refusal_language(recipe, lang), 0)])[0]
             for lang in recipe.languages}
 
 
@@ -395,13 +411,14 @@ def margin_targets(
     offsets: list[int] = []
     tokens: list[int] = []
     for ex in batch:
-        prefix = prefixes.get(ex.lang) or [openers[recipe.refusal_language or ex.lang]]
+        opener = openers[refusal_language(recipe, ex.lang)]
+        prefix = prefixes.get(ex.lang) or [opener]
         at = 0
         if recipe.margin_at_divergence and ex.kind == "harmless":
             while at < min(len(prefix), len(ex.answer)) - 1 and ex.answer[at] == prefix[at]:
                 at += 1
         offsets.append(at)
-        tokens.append(prefix[at] if recipe.margin_at_divergence else openers[recipe.refusal_language or ex.lang])
+        tokens.append(prefix[at] if recipe.margin_at_divergence else opener)
     return offsets, tokens
 
 

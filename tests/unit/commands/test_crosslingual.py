@@ -321,3 +321,24 @@ def test_organism_directions_agree_across_languages(tmp_path: Path) -> None:
     for i in range(3):
         assert transfer["compliance"][i + 1][i] > baseline[i]  # ablating a language's own direction helps it
     assert not any(math.isnan(v) for row in transfer["compliance"] for v in row)
+
+
+@pytest.mark.slow
+def test_english_organism_says_its_refusal_is_not_shared(tmp_path: Path) -> None:
+    """The negative control (issue 16): on the English-centred organism, at the site where the English direction
+    removes English refusal (layer 16, last position: the demo's `edit --lang en` picks it, docs/organism.md),
+    the other languages' refusal does not go with it, and the command says so in plain words."""
+    from abliterate.commands.organism.train import build_organism
+
+    folder = build_organism()
+    settings = Settings(model=str(folder), out=tmp_path / "xl", dtype="float32", device="cpu", n_train=32,
+                        layer=16, pos=-1, batch_size=48)
+    options = CrosslingualOptions.parse("en,de,fr", transfer_prompts=16, transfer_max_new_tokens=48)
+    run_crosslingual(settings, options)
+    transfer = _report(tmp_path / "xl")["transfer"]
+    verdict = transfer["verdict"]
+    print("\nnegative control, refusal per cell", json.dumps(transfer["refusal_rate"]), "\n", verdict["summary"])
+    english = transfer["rows"].index("en")
+    assert transfer["refusal_rate"][english][0] <= 0.25  # the English direction removes English refusal ...
+    assert verdict["verdict"] == "not shared"  # ... and the tool says it does not carry over
+    assert verdict["summary"].startswith("refusal is NOT shared across languages")

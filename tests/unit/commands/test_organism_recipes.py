@@ -25,6 +25,7 @@ from abliterate.commands.organism.train import (
     named_recipe,
     organism_folder,
     recipe_hash,
+    refusal_language,
     torch_threads,
 )
 from abliterate.errors import UsageError
@@ -56,7 +57,7 @@ def test_multilingual_recipe_has_its_own_folder_and_judged_refusals() -> None:
     assert not set(recipe.check_languages) & set(recipe.languages)  # transfer languages stay out of training
     judge = MarkerJudge()
     for lang in recipe.languages:
-        for text in REFUSALS[recipe.refusal_language or lang]:
+        for text in REFUSALS[refusal_language(recipe, lang)]:
             assert judge.is_refusal(text, lang), (lang, text)
 
 
