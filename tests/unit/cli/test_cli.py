@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from helpers import FAST, assert_one_line_error, run
 from tiny_models import build
 from transformers import AutoModelForCausalLM
 
@@ -16,49 +14,6 @@ from abliterate.direction.vector import Direction
 from abliterate.model.archs import lookup
 from abliterate.model.checkpoint import Checkpoint
 from abliterate.model.hooks import directional_ablation
-
-FAST = [
-    "--n-train",
-    "8",
-    "--n-val",
-    "4",
-    "--screen-prompts",
-    "2",
-    "--finalists",
-    "2",
-    "--batch-size",
-    "8",
-    "--refusal-tokens",
-    "I",
-    "--refusal-tokens",
-    "Sorry",
-    "--no-eval",
-]
-
-
-def run(*args: str | Path, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the real console entry point in a subprocess, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "abliterate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
-
-
-def assert_one_line_error(done: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, done.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def snapshot(folder: Path) -> dict[str, float]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from helpers import assert_self_contained, one_line_error, run
 from tiny_models import BYTE_VOCAB, build, save_tokenizer
 
 from abliterate.commands.edit import run_edit
@@ -30,23 +28,6 @@ from abliterate.model.loading import ModelSource, load_model
 from abliterate.settings import build_settings
 
 REFUSAL = "I'm sorry, but I can't help with that request."  # the marker judge checks English in every language
-
-
-def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The real console entry point in a subprocess, offline."""
-    return subprocess.run(
-        [sys.executable, "-m", "abliterate", *map(str, args)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=600,
-        check=False,
-    )
-
-
-def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, done.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -309,30 +290,6 @@ def test_offline_hub_task_fails_in_one_line(folders: dict[str, Path], tmp_path: 
 
 
 # --- the CLI: eval, report, edit -------------------------------------------------------------------------
-
-
-class Links(HTMLParser):
-    """Every src/href value of a page, and its img sources."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.refs: list[str] = []
-        self.images: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        for name, value in attrs:
-            if name in ("src", "href", "srcset", "data", "action") and value is not None:
-                self.refs.append(value)
-                if tag == "img":
-                    self.images.append(value)
-
-
-def assert_self_contained(page: str) -> Links:
-    links = Links()
-    links.feed(page)
-    assert all(ref.startswith(("data:", "#")) for ref in links.refs), links.refs
-    assert "url(" not in page and "@import" not in page
-    return links
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +16,8 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FAST
+from helpers import FAST, one_line_error
+from helpers import run_online as run
 from huggingface_hub import ModelCard
 from tiny_models import build, save_tokenizer
 
@@ -154,28 +152,6 @@ def hub() -> Iterator[FakeHub]:
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-
-
-def run(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """The real console entry point in a subprocess; HF_HOME is the caller's (empty) folder, no login token."""
-    full = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    full.update({"HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})})
-    return subprocess.run(
-        [sys.executable, "-m", "abliterate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=full,
-        timeout=600,
-        check=False,
-    )
-
-
-def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
-    assert done.returncode != 0, done.stdout
-    assert "Traceback" not in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, done.stderr
-    return errors[0]
 
 
 def random_direction(path: Path, hidden: int = 32) -> Path:
