@@ -4,7 +4,7 @@
 that `test_evaluate`, `test_publish` and `test_big_models` define for themselves are here too, with the
 same behaviour, so that each can import instead of copying:
 
-- `run(*args, check=False, env=None, code=None)`: `python -m abliterate ARGS` offline (`HF_HUB_OFFLINE=1`);
+- `run(*args, check=False, env=None, code=None, timeout=600)`: `python -m abliterate ARGS` offline (`HF_HUB_OFFLINE=1`);
   `env` adds variables, `code` runs first (e.g. to hide a module), as in `test_big_models.run`.
 - `run_online(*args, env=None)`: the hub reachable and no login token, as in `test_publish.run`.
 - `one_line_error(done)`: a failed run whose stderr holds exactly one `error:` line and no traceback; returns it.
@@ -46,7 +46,8 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def run(
-    *args: str | Path, check: bool = False, env: dict[str, str] | None = None, code: str | None = None
+    *args: str | Path, check: bool = False, env: dict[str, str] | None = None, code: str | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real console entry point in a subprocess, offline, as a user would; `code` runs before main()."""
     entry = ["-m", "abliterate"] if code is None else ["-c", f"{code}; from abliterate.cli import main; main()"]
@@ -55,7 +56,7 @@ def run(
         capture_output=True,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     if check:

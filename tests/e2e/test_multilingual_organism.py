@@ -40,7 +40,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("multilingual") / "edited"
     done = run("edit", organism, "--lang", "de", "--out", out, "--kl-threshold", "0.25", "--n-train", "64",
                "--n-val", "32", "--screen-prompts", "8", "--finalists", "8", "--langs", langs, "--eval-prompts", "32",
-               "--max-new-tokens", "64", "--tasks", "none", "--batch-size", "32", "--dtype", "float32")
+               "--max-new-tokens", "64", "--tasks", "none", "--batch-size", "32", "--dtype", "float32",
+               timeout=3600)  # about 9 minutes alone on 2 cores
     assert done.returncode == 0, done.stderr[-2000:]
     data: dict[str, Any] = json.loads((out / "abliterate" / "report.json").read_text(encoding="utf-8"))
     rows = {r["lang"]: r for r in data["languages"]}
