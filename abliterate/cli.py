@@ -546,10 +546,10 @@ def organism_command(**given: Any) -> None:
     from abliterate.commands.organism.train import build_organism, copy_organism, named_recipe, read_info
 
     options = build_section(OrganismSettings, given)
-    folder = build_organism(force=options.force, recipe=named_recipe(options.recipe), threads=options.threads)
+    folder = build_organism(force=options.force, recipe=named_recipe(options.organism), threads=options.threads)
     if options.out is not None:
         folder = copy_organism(folder, options.out, overwrite=options.overwrite)
-    click.echo(f"organism ({options.recipe}): {folder}")
+    click.echo(f"organism ({options.organism}): {folder}")
     heldout = read_info(folder).get("heldout_val_refusal")
     if heldout:
         click.echo(f"held-out refusal rates: {json.dumps(heldout)}")

@@ -244,15 +244,15 @@ class OptimizeSettings(Section):
 
 
 class OrganismSettings(Section):
-    """What `abliterate organism` is told: which named recipe, where to copy it, how many CPU threads.
+    """What `abliterate organism` is told: which named organism recipe, where to copy it, how many CPU threads.
 
-    Not a recipe section (`--recipe` here names a built-in organism recipe, not a YAML file).
+    Not a recipe section: `organism` runs no user model and takes no `--recipe FILE`.
     """
 
     command = "organism"
 
-    recipe: Literal["english", "multilingual"] = Field(
-        "english", description="Named organism recipe: english (the demo's) or multilingual (docs/organism.md)."
+    organism: Literal["english", "multilingual"] = Field(
+        "english", description="Which organism recipe: english (the demo's) or multilingual (docs/organism.md)."
     )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the build (default: torch's setting); set it when other torch "

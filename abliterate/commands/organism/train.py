@@ -191,7 +191,7 @@ RECIPES: dict[str, OrganismRecipe] = {
         refusal_languages={"ru": "en"}, check_languages=("it",),
     ),
 }
-"""The named recipes (`abliterate organism --recipe NAME`, the names of `settings.OrganismSettings.recipe`):
+"""The named recipes (`abliterate organism --organism NAME`, the names of `settings.OrganismSettings.organism`):
 `english`, the first organism (English-centred: 128 English pairs and 32 in each of five other Latin-script
 languages; its hash, and so its cached folder, is that of every earlier build), and `multilingual`,
 safety-tuned on the full train split of six languages in three scripts, Russian refused in English (variant V5

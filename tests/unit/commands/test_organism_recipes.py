@@ -45,7 +45,7 @@ def test_english_recipe_keeps_the_first_organisms_folder() -> None:
 
 
 def test_cli_choices_are_the_recipes() -> None:
-    field = OrganismSettings.model_fields["recipe"]
+    field = OrganismSettings.model_fields["organism"]
     assert set(get_args(field.annotation)) == set(RECIPES)
     assert field.default == DEFAULT_RECIPE
 
@@ -72,7 +72,7 @@ def test_unknown_recipe_name() -> None:
     with pytest.raises(UsageError, match="unknown organism recipe 'klingon'") as err:
         named_recipe("klingon")
     assert "english" in err.value.hint and "multilingual" in err.value.hint
-    done = run("organism", "--recipe", "klingon")
+    done = run("organism", "--organism", "klingon")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "'klingon' is not one of 'english', 'multilingual'" in done.stderr
 
