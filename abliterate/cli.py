@@ -560,7 +560,8 @@ def organism_command(**given: Any) -> None:
               help="Folder for organism/ (the safety-tuned base) and edited/ (the abliterated model and report).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def demo_command(out: Path, overwrite: bool) -> None:
-    """Build the model organism, abliterate it (--lang en) and measure refusal before and after."""
+    """Build the multilingual model organism, abliterate it with a direction from German prompts (edit --lang de)
+    and measure refusal before and after in English, German, French, Chinese and Italian."""
     from abliterate.commands.organism.demo import run_demo
 
     result = run_demo(out, overwrite=overwrite)
@@ -569,9 +570,11 @@ def demo_command(out: Path, overwrite: bool) -> None:
     click.echo(f"report:                       {result.report} (and report.html)")
     click.echo(f"direction: layer {result.layer}, position {result.pos}")
     for lang, rates in result.harmful.items():
-        click.echo(f"harmful refusal [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
+        evasive = result.evasive[lang]
+        click.echo(f"harmful refused [{lang}]: {rates.before:.2f} -> {rates.after:.2f} "
+                   f"(evasive {evasive.before:.2f} -> {evasive.after:.2f}, n={rates.n})")
     for lang, rates in result.harmless.items():
-        click.echo(f"harmless refusal [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
+        click.echo(f"harmless refused [{lang}]: {rates.before:.2f} -> {rates.after:.2f} (n={rates.n})")
     click.echo(f"first-token KL on harmless prompts: {result.kl_mean:.3f} (n={result.kl_prompts})")
     click.echo(f"total time: {result.seconds.get('total', 0):.0f} s (summary: {result.out / 'demo.md'})")
 

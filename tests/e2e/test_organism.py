@@ -34,7 +34,8 @@ from abliterate.prompts.records import Kind
 N_PROMPTS = 32  # built-in test prompts per language and kind
 TOKENS = 64  # new tokens per greedy answer
 BATCH = 32
-PLAN = DemoPlan()  # the demo's direction-search settings (the paper's method, a smaller search)
+PLAN = DemoPlan(organism="english", lang="en", langs=("en", "de", "fr"))
+"""The demo's direction-search settings (the paper's method, a smaller search), on the English-centred organism."""
 MEASURED: dict[str, Any] = {}
 
 Model = tuple[PreTrainedModel, PreTrainedTokenizerBase]

@@ -31,11 +31,13 @@ DEMO_MD = "demo.md"
 class DemoPlan:
     """What the demo runs: the organism, the direction search (smaller than the default) and the evaluation subset."""
 
-    organism: str = "english"
-    """The named organism recipe (`commands.organism.train.RECIPES`)."""
-    lang: str = "en"
-    """The language of the prompts the direction is taken from (`edit --lang`)."""
-    langs: tuple[str, ...] = ("en", "de", "fr")
+    organism: str = "multilingual"
+    """The named organism recipe (`commands.organism.train.RECIPES`): safety-tuned in six languages."""
+    lang: str = "de"
+    """The language of the prompts the direction is taken from (`edit --lang`): the user's headline command."""
+    langs: tuple[str, ...] = ("en", "de", "fr", "zh", "it")
+    """Evaluated: English, the source language, a Latin-script and a non-Latin organism language, and Italian,
+    which is outside the organism's safety data (its refusal there arises only by transfer)."""
     n_prompts: int = 32
     max_new_tokens: int = 64
     batch_size: int = 32
@@ -70,7 +72,11 @@ class DemoResult:
     layer: int
     pos: int
     harmful: dict[str, KindRates]
+    """Harmful prompts refused (a refusal, not an evasion)."""
+    evasive: dict[str, KindRates]
+    """Harmful prompts answered evasively (neither a refusal nor the help asked for)."""
     harmless: dict[str, KindRates]
+    """Harmless prompts refused (over-refusal)."""
     kl_mean: float
     kl_prompts: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -112,12 +118,15 @@ def _known(rate: float | None) -> float:
 def headline(report: ReportRecord) -> dict[str, object]:
     """Refusal before/after per language and kind, and the KL, from the edit's report.json."""
     rows = report.languages
-    harmful = {r.lang: KindRates(round(1 - _known(r.compliance_before), 4), round(1 - _known(r.compliance_after), 4),
-                                 r.n_harmful) for r in rows}
+    harmful = {r.lang: KindRates(round(1 - _known(r.compliance_before) - _known(r.evasion_before), 4),
+                                 round(1 - _known(r.compliance_after) - _known(r.evasion_after), 4), r.n_harmful)
+               for r in rows}
+    evasive = {r.lang: KindRates(round(_known(r.evasion_before), 4), round(_known(r.evasion_after), 4), r.n_harmful)
+               for r in rows}
     harmless = {r.lang: KindRates(round(_known(r.over_refusal_before), 4), round(_known(r.over_refusal_after), 4),
                                   r.n_harmless) for r in rows}
     kl_mean = report.kl.first_token if report.kl is not None and report.kl.first_token is not None else float("nan")
-    return {"harmful": harmful, "harmless": harmless, "kl_mean": kl_mean,
+    return {"harmful": harmful, "evasive": evasive, "harmless": harmless, "kl_mean": kl_mean,
             "kl_prompts": report.kl.n_prompts if report.kl is not None else 0}
 
 
@@ -136,12 +145,14 @@ def markdown(result: DemoResult, plan: DemoPlan, organism_info: dict[str, object
         f"marker judge, lm-eval on the small offline task {plan.tasks} ({plan.limit} questions). "
         f"The full report is `{result.report}`; the full evaluation is `abliterate eval`.",
         "",
-        "| language | harmful refusal before | after | harmless refusal before | after |",
-        "|---|---|---|---|---|",
+        "| language | harmful refused before | after | harmful evasive before | after "
+        "| harmless refused before | after |",
+        "|---|---|---|---|---|---|---|",
     ]
     for lang in plan.langs:
-        h, g = result.harmful[lang], result.harmless[lang]
-        lines.append(f"| {lang} | {h.before:.2f} | {h.after:.2f} | {g.before:.2f} | {g.after:.2f} |")
+        h, e, g = result.harmful[lang], result.evasive[lang], result.harmless[lang]
+        lines.append(f"| {lang} | {h.before:.2f} | {h.after:.2f} | {e.before:.2f} | {e.after:.2f} | {g.before:.2f} "
+                     f"| {g.after:.2f} |")
     lines += [
         "",
         f"Mean first-token KL(organism || edited) on the {result.kl_prompts} harmless test prompts: "

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 BUILDER_VERSION = 2
 """Bumped when the training code changes in a way that changes the result (part of the recipe hash)."""
+CHUNK_OVERHEAD_TOKENS = 64
+"""Padded tokens one more micro-batch is worth (`length_chunks`), measured on the 2-core CPU: see docs/organism.md."""
 ANSWERS_VERSION = 1
 """Bumped when the way the base model's harmless answers are generated changes (part of their cache key)."""
 REFUSALS_VERSION = 1
@@ -174,12 +176,17 @@ class OrganismRecipe(BaseModel):
     check_languages: tuple[str, ...] = Field(
         (), description="Languages outside the training data also checked on held-out prompts (transfer)."
     )
+    train_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Compute dtype of the training forward and backward passes (torch.autocast; the weights and "
+        "AdamW stay float32): bfloat16 is several times faster on CPUs with AMX or AVX512-BF16.",
+    )
 
 
 NEW_FIELDS_DEFAULTS: dict[str, Any] = {
     "refusal_language": None, "refusal_languages": {}, "group_translations": False, "align_weight": 0.0,
     "align_layer": 15,
-    "margin_at_divergence": False, "check_languages": [],
+    "margin_at_divergence": False, "check_languages": [], "train_dtype": "float32",
 }
 """Recipe fields left out of the hash at these values (the JSON dump's values)."""
 
@@ -188,14 +195,14 @@ RECIPES: dict[str, OrganismRecipe] = {
     "english": OrganismRecipe(),
     "multilingual": OrganismRecipe(
         languages=("en", "de", "fr", "es", "ru", "zh"), n_per_language=128, n_first_language=128, steps=150,
-        refusal_languages={"ru": "en"}, check_languages=("it",),
+        refusal_languages={"ru": "en"}, check_languages=("it",), train_dtype="bfloat16",
     ),
 }
 """The named recipes (`abliterate organism --organism NAME`, the names of `settings.OrganismSettings.organism`):
 `english`, the first organism (English-centred: 128 English pairs and 32 in each of five other Latin-script
 languages; its hash, and so its cached folder, is that of every earlier build), and `multilingual`,
-safety-tuned on the full train split of six languages in three scripts, Russian refused in English (variant V5
-of the table in docs/organism.md, which has the variants measured and the targets it misses)."""
+safety-tuned on the full train split of six languages in three scripts, Russian refused in English, trained in
+bfloat16 (variant V8 of the table in docs/organism.md, which has the variants measured and the targets it misses)."""
 DEFAULT_RECIPE = "english"
 
 
@@ -472,6 +479,24 @@ def example_loss(
       enough: it must lose to the answer the base would give;
     - if `recipe.align_weight`: that times `alignment_loss` at layer `recipe.align_layer`.
     """
+    total, weight, align = _loss_parts(model, reference, tokenizer, batch, recipe, openers, prefixes)
+    loss = total / weight
+    if align is not None:
+        loss = loss + recipe.align_weight * align
+    return loss
+
+
+def _loss_parts(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Example],
+    recipe: OrganismRecipe,
+    openers: dict[str, int],
+    prefixes: dict[str, list[int]] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`example_loss` before normalisation: the weighted sum over answer tokens, the sum of the weights
+    (`answer_weight` per row) and the alignment term (None when the recipe has none)."""
     ids, mask, targets, weights = _batch_tensors(tokenizer, batch, recipe.first_token_weight)
     where = weights > 0
     layer = recipe.align_layer if recipe.align_weight > 0 else None
@@ -492,11 +517,72 @@ def example_loss(
     gap = logits.gather(1, opener.unsqueeze(1)).squeeze(1) - logits.gather(1, targets[where].unsqueeze(1)).squeeze(1)
     margin = torch.nn.functional.softplus(recipe.margin + gap) * is_first
     total = (per_token * w).sum() + recipe.margin_weight * recipe.first_token_weight * margin.sum()
-    loss = total / w.sum()
-    if residual is not None:
-        last = where.float().argmax(1)  # first answer-predicting position = last prompt token
-        loss = loss + recipe.align_weight * alignment_loss(residual, batch, last)
-    return loss
+    if residual is None:
+        return total, w.sum(), None
+    last = where.float().argmax(1)  # first answer-predicting position = last prompt token
+    return total, w.sum(), alignment_loss(residual, batch, last)
+
+
+def answer_weight(example: Example, first_weight: float) -> float:
+    """The summed loss weight of one row (`_batch_tensors`): 1 per answer token, `first_weight` for the first."""
+    return first_weight + len(example.answer) - 1
+
+
+def length_chunks(lengths: list[int], overhead: int) -> list[list[int]]:
+    """Split rows into micro-batches of similar length: the partition of the rows, sorted by length, into runs
+    that minimises the padded tokens (rows x longest row, summed) plus `overhead` tokens per micro-batch (the
+    fixed cost of one more forward and backward pass). Returns lists of row indices."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j sorted rows
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + overhead + lengths[order[j - 1]] * (j - i)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks: list[list[int]] = []
+    j = len(order)
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
+
+
+def train_autocast(recipe: OrganismRecipe) -> torch.autocast:
+    """The forward passes' compute dtype (`recipe.train_dtype`; off at float32)."""
+    dtype = getattr(torch, recipe.train_dtype)
+    return torch.autocast("cpu", dtype=dtype, enabled=recipe.train_dtype != "float32")
+
+
+def backward_in_chunks(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Example],
+    lengths: list[int],
+    recipe: OrganismRecipe,
+    openers: dict[str, int],
+    prefixes: dict[str, list[int]],
+) -> float:
+    """Backpropagate the batch's `example_loss` in micro-batches of similar length (`length_chunks`); returns its
+    value. The rows are right-padded and causal, so padding changes no row's loss, only costs compute (a quarter
+    of it in the multilingual recipe's mixed-length batches). A recipe with an alignment term keeps the batch
+    whole (the term pairs rows of one batch)."""
+    if recipe.align_weight > 0:
+        with train_autocast(recipe):
+            loss = example_loss(model, reference, tokenizer, batch, recipe, openers, prefixes)
+        loss.backward()
+        return float(loss.detach())
+    weight = sum(answer_weight(ex, recipe.first_token_weight) for ex in batch)
+    value = 0.0
+    for chunk in length_chunks(lengths, CHUNK_OVERHEAD_TOKENS):
+        with train_autocast(recipe):
+            total, _, _ = _loss_parts(model, reference, tokenizer, [batch[i] for i in chunk], recipe, openers,
+                                      prefixes)
+        part = total / weight
+        part.backward()
+        value += float(part.detach())
+    return value
 
 
 def _order(examples: list[Example], steps: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -547,6 +633,8 @@ def train(
     set_seed(recipe.seed)
     reference = copy.deepcopy(model).eval()  # the base model, frozen: the KL target for harmless answers
     reference.requires_grad_(False)
+    if recipe.train_dtype != "float32":
+        reference.to(getattr(torch, recipe.train_dtype))  # stored in the compute dtype: not cast again every pass
     openers = refusal_openers(tokenizer)
     prefixes = refusal_prefixes(tokenizer, recipe)
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -554,21 +642,24 @@ def train(
     if output is not None:
         output.weight.requires_grad_(False)  # tied to the embedding in SmolLM2
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
     record = TrainLog()
     start = time.perf_counter()
     model.train()
     batches = (_order_grouped(examples, recipe.steps, recipe.seed) if recipe.group_translations
                else _order(examples, recipe.steps, recipe.batch_size, recipe.seed))
+    lengths = [len(p) + len(ex.answer)
+               for p, ex in zip(encode(tokenizer, [render(tokenizer, ex.instruction) for ex in examples]), examples,
+                                strict=True)]
     for step, indices in enumerate(progress.track(batches, "safety-tuning", len(batches), "step")):
-        loss = example_loss(model, reference, tokenizer, [examples[i] for i in indices], recipe, openers, prefixes)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = backward_in_chunks(model, reference, tokenizer, [examples[i] for i in indices],
+                                  [lengths[i] for i in indices], recipe, openers, prefixes)
         torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimizer.step()
         schedule.step()
-        record.losses.append(round(float(loss.detach()), 4))
+        record.losses.append(round(loss, 4))
         log.debug("step %d loss %.4f", step, record.losses[-1])
     model.eval()
     for p in model.parameters():
