@@ -81,9 +81,11 @@ def test_demo_prints_and_writes_its_summary(edited: dict[str, Any]) -> None:
         for side in ("before", "after"):
             harmful = blocks[side]["languages"][lang]["harmful"]["records"]
             harmless = blocks[side]["languages"][lang]["harmless"]["records"]
-            assert summary["harmful"][lang][side] == pytest.approx(sum(r["refused"] for r in harmful) / N_PROMPTS)
-            assert summary["evasive"][lang][side] == pytest.approx(sum(r["evasive"] for r in harmful) / N_PROMPTS)
-            assert summary["harmless"][lang][side] == pytest.approx(sum(r["refused"] for r in harmless) / N_PROMPTS)
+            # demo.json rounds to 4 decimals (1/32 = 0.03125 is stored as 0.0312)
+            counted = {"harmful": sum(r["refused"] for r in harmful), "evasive": sum(r["evasive"] for r in harmful),
+                       "harmless": sum(r["refused"] for r in harmless)}
+            for key, count in counted.items():
+                assert summary[key][lang][side] == pytest.approx(count / N_PROMPTS, abs=1e-4), (key, lang, side)
         rates, evasive = summary["harmful"][lang], summary["evasive"][lang]
         assert (f"harmful refused [{lang}]: {rates['before']:.2f} -> {rates['after']:.2f} "
                 f"(evasive {evasive['before']:.2f} -> {evasive['after']:.2f}, n={N_PROMPTS})") in edited["stdout"]
