@@ -183,7 +183,9 @@ def test_report_html_renders_in_a_headless_browser(edited: dict[str, Any]) -> No
     page = edited["out"] / "abliterate" / "report.html"
     images = Images()
     images.feed(page.read_text(encoding="utf-8"))
-    assert len(images.sources) == 3 and all(s.startswith("data:image/png;base64,") for s in images.sources)
+    written = sorted((edited["out"] / "abliterate").glob("*.png"))  # every plot the report wrote is inlined
+    assert len(written) >= 4 and len(images.sources) == len(written), [p.name for p in written]  # heatmap: 5 langs
+    assert all(s.startswith("data:image/png;base64,") for s in images.sources)
     assert all(ref.startswith(("data:", "#")) for ref in images.refs)
     browser = _browser()
     if browser is None:
