@@ -23,6 +23,10 @@ from abliterate.storage.shards import parse_size
 log = logging.getLogger(__name__)
 
 
+TrialEdit = Literal["hooks", "weights"]
+"""How `optimize` trials apply their edit, once --trial-edit auto is resolved."""
+
+
 class Settings(BaseModel):
     """Everything a run of abliterate can be told."""
 
@@ -75,6 +79,10 @@ class Settings(BaseModel):
         description="standard: raw difference in means (the paper); "
         "projected: also remove its component along the harmless mean; "
         "norm-preserving: the projected direction, and every edited weight vector keeps its norm (docs/method.md).",
+    )
+    winsorize: float = Field(
+        1.0, gt=0, le=1, description="Clamp each prompt's activation vector to this quantile of its absolute "
+        "entries before the means (for models with massive activations; Heretic's winsorization_quantile); 1: off.",
     )
     kl_threshold: float = Field(0.1, gt=0, description="Selection keeps candidates whose first-token KL is below this.")
     prune_layers: float = Field(0.2, ge=0, lt=1, description="Fraction of final layers never selected.")
@@ -233,10 +241,29 @@ class OptimizeSettings(Section):
         "pareto.md).",
     )
     seed: int = Field(0, description="Seed of the TPE sampler.")
-    trial_prompts: int = Field(
-        8, ge=1, description="Harmful val prompts per language whose greedy answers give a trial's refusal rate."
+    startup_trials: int | None = Field(
+        None, ge=1, description="Random trials before the multivariate TPE sampler models the results "
+        "(default: 30% of --trials, Heretic's share).",
     )
-    kl_prompts: int = Field(8, ge=1, description="Harmless val prompts per language for a trial's first-token KL.")
+    kernel: Literal["window", "gaussian"] = Field(
+        "window", description="Weight kernel over depth per component: window (peak, linear to an edge weight, "
+        "0 beyond; attention, MLP and embedding can each be off) or gaussian (a bump; studies made before "
+        "the window).",
+    )
+    trial_edit: Literal["auto", "hooks", "weights"] = Field(
+        "auto", description="How trials apply the edit: hooks on residual writes, or weights (the checkpoint's "
+        "edit done in memory, exact for every method; keeps a copy of the edited matrices); auto: weights for "
+        "--method norm-preserving, else hooks.",
+    )
+    over_refusal_max: float | None = Field(
+        None, ge=0.0, le=1.0, description="Constraint: trials refusing more than this share of harmless val "
+        "prompts are infeasible and left off the front (each trial then also answers the harmless prompts).",
+    )
+    trial_prompts: int = Field(
+        32, ge=1, description="Harmful val prompts per language whose greedy answers give a trial's refusal rate "
+        "(sized for a GPU; on a CPU, 8 is 4x faster but moves in steps of 1/8).",
+    )
+    kl_prompts: int = Field(32, ge=1, description="Harmless val prompts per language for a trial's first-token KL.")
     trial_max_new_tokens: int = Field(
         32, ge=1, description="Greedy answer length cap in the trials (short, for speed; eval uses --max-new-tokens)."
     )

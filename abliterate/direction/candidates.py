@@ -41,10 +41,14 @@ def mean_activations(
     n_pos: int,
     batch_size: int,
     desc: str,
+    winsorize: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean residual activations: ([n_pos, n_layers, hidden], sink [n_layers, hidden]), float64."""
+    """Mean residual activations: ([n_pos, n_layers, hidden], sink [n_layers, hidden]), float64.
+
+    `winsorize` < 1 clamps each prompt's vectors first (`model.hooks.winsorized`).
+    """
     batches = make_batches(tokenizer, instructions, batch_size)
-    with capture_residuals(model, arch, n_pos) as sums:
+    with capture_residuals(model, arch, n_pos, winsorize) as sums:
         items = progress.track(batches, desc, len(batches), "batch")
         with torch.inference_mode():
             for _indices, batch in items:

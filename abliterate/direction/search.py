@@ -236,8 +236,9 @@ def filter_prompts(loaded: LoadedModel, splits: PromptSplits, ids: list[int], ba
 def compute_candidates(loaded: LoadedModel, splits: PromptSplits, n_pos: int, settings: Settings) -> Candidates:
     args = (loaded.model, loaded.tokenizer, loaded.arch)
     bs = fixed_batch_size(settings.batch_size)
-    harmful, _ = mean_activations(*args, splits.harmful_train, n_pos, bs, "harmful activations")
-    harmless, sink = mean_activations(*args, splits.harmless_train, n_pos, bs, "harmless activations")
+    harmful, _ = mean_activations(*args, splits.harmful_train, n_pos, bs, "harmful activations", settings.winsorize)
+    harmless, sink = mean_activations(*args, splits.harmless_train, n_pos, bs, "harmless activations",
+                                      settings.winsorize)
     return make_candidates(harmful, harmless, sink, settings.method)
 
 

@@ -16,6 +16,7 @@ caller reads the means.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -153,12 +154,28 @@ class _Positions:
         return self._cache[hidden.device]
 
 
+def winsorized(vectors: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Each vector (last axis) with its entries clamped to +-(the `quantile` of its absolute entries).
+
+    Tames "massive activations" (a few huge coordinates that dominate a mean); quantile 1 returns the input.
+    """
+    if quantile >= 1.0:
+        return vectors
+    k = max(1, math.ceil(quantile * vectors.shape[-1]))
+    bound = vectors.abs().float().kthvalue(k, dim=-1, keepdim=True).values.to(vectors.dtype)
+    return torch.maximum(torch.minimum(vectors, bound), -bound)
+
+
 @contextmanager
-def capture_residuals(model: nn.Module, arch: Architecture, n_pos: int) -> Iterator[ResidualSums]:
+def capture_residuals(
+    model: nn.Module, arch: Architecture, n_pos: int, winsorize: float = 1.0
+) -> Iterator[ResidualSums]:
     """Accumulate the residual stream at every layer's input; the caller sets `first_token` per batch.
 
     Each hook is one gather of the read tokens, one float64 sum over the batch and one in-place add, all on the
     layer's device (about 1% of a forward pass on the CPU; on a GPU, no host synchronisation per layer).
+    With `winsorize` < 1 each read vector (not the first token's, which the sink cleaning inspects) is
+    `winsorized` before it is summed.
     """
     layers = decoder_layers(model, arch)
     sums = ResidualSums(n_pos)
@@ -168,7 +185,10 @@ def capture_residuals(model: nn.Module, arch: Architecture, n_pos: int) -> Itera
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = _hidden_from_inputs(args, kwargs).detach()
             rows, columns = positions.on(hidden)
-            sums.add(index, hidden[rows, columns].sum(dim=0, dtype=torch.float64))
+            read = hidden[rows, columns]
+            if winsorize < 1.0:
+                read = torch.cat([winsorized(read[:, :n_pos], winsorize), read[:, n_pos:]], dim=1)
+            sums.add(index, read.sum(dim=0, dtype=torch.float64))
 
         return hook
 

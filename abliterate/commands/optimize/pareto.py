@@ -38,6 +38,21 @@ class Profile:
 
 
 @dataclass(frozen=True)
+class Window:
+    """One component's weights over depth, window kernel: peak at pos, linear to floor x peak at reach, then 0."""
+
+    peak: float
+    pos: float
+    floor: float  # the weight at the window's edge, as a fraction of the peak
+    reach: float  # in layers
+
+    def label(self) -> str:
+        if self.peak == 0.0:
+            return "off"
+        return f"{self.peak:.2f} @ {self.pos:.1f} ±{self.reach:.1f} edge {self.floor * self.peak:.2f}"
+
+
+@dataclass(frozen=True)
 class TrialRow:
     """One finished trial: its objectives, per-language values and the edit it tried."""
 
@@ -45,12 +60,14 @@ class TrialRow:
     refusal: float
     kl: float
     layer: float
-    attention: Profile
-    mlp: Profile
+    attention: Profile | Window
+    mlp: Profile | Window
     embedding: float
     reference: bool = False
     refusal_by_lang: dict[str, float] = field(default_factory=dict)
     kl_by_lang: dict[str, float] = field(default_factory=dict)
+    over_refusal_by_lang: dict[str, float] | None = None  # measured under --over-refusal-max
+    feasible: bool = True  # within --over-refusal-max (always, without it)
 
     def dominates(self, other: TrialRow) -> bool:
         """At least as good on both objectives and better on one."""
@@ -60,13 +77,14 @@ class TrialRow:
     def to_json(self) -> dict[str, Any]:
         row = asdict(self)
         for profile in ("attention", "mlp"):
-            if math.isinf(row[profile]["width"]):
+            if math.isinf(row[profile].get("width", 0.0)):
                 row[profile]["width"] = None  # JSON has no infinity: null means flat
         return row
 
 
 def pareto_front(rows: list[TrialRow]) -> list[TrialRow]:
-    """The non-dominated rows, sorted by refusal rate, then KL."""
+    """The non-dominated feasible rows (those within --over-refusal-max), sorted by refusal rate, then KL."""
+    rows = [row for row in rows if row.feasible]
     front = [row for row in rows if not any(other.dominates(row) for other in rows)]
     return sorted(front, key=lambda r: (r.refusal, r.kl, r.number))
 
@@ -107,6 +125,8 @@ _HEADER = ["trial", "refusal", "KL", "dir. layer", "attention w", "MLP w", "embe
 
 
 def _note(row: TrialRow, reference: TrialRow | None) -> str:
+    if not row.feasible:
+        return "over-refusal above --over-refusal-max"
     if row.reference:
         return "reference (paper default)"
     if reference is not None and row.dominates(reference):
@@ -158,7 +178,8 @@ def _markdown(report: ParetoReport, meta: dict[str, Any]) -> str:
         "",
         f"{len(report.rows)} finished trials; objectives (both minimised): mean refusal rate over {langs} "
         "(marker judge, greedy answers to harmful val prompts) and mean first-token KL on harmless val prompts.",
-        "Weights per component: peak @ position (layer), Gaussian width in layers, or flat. See docs/optimize.md.",
+        "Weights per component: peak @ position (layer), then the window's reach and edge weight (window kernel) "
+        "or the Gaussian width in layers or flat; off: weight 0 everywhere. See docs/optimize.md.",
         "",
         *table_lines(report.front, report.reference),
         "",

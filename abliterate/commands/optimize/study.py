@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,12 +38,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from abliterate import __version__, progress
-from abliterate.commands.optimize.pareto import ParetoReport, Profile, TrialRow, write_report
+from abliterate.commands.optimize.pareto import ParetoReport, TrialRow, write_report
+from abliterate.commands.optimize.space import Kernel, SearchSpace, TrialParams
 from abliterate.direction.run_record import PromptsRecord, RunRecord
 from abliterate.direction.search import find_direction, load, resolve_batch_size
 from abliterate.direction.selection import Batches, collect_logits, eligible_layers, kl_divergence
 from abliterate.direction.vector import Direction
 from abliterate.edit.formats import OutputOptions, check_format
+from abliterate.edit.in_memory import edited_weights
+from abliterate.edit.projection import NORM_PRESERVING
 from abliterate.errors import UsageError
 from abliterate.evaluation.generate import generate
 from abliterate.evaluation.judge import Judge, make_judge
@@ -54,7 +58,7 @@ from abliterate.model.loading import resolve
 from abliterate.prompts import sources
 from abliterate.prompts.languages import parse_languages
 from abliterate.publish.write_edited import write_edited
-from abliterate.settings import OptimizeSettings, Settings
+from abliterate.settings import OptimizeSettings, Settings, TrialEdit
 from abliterate.storage.atomic import check_output, write_json
 
 if TYPE_CHECKING:
@@ -70,13 +74,14 @@ STUDY_CONFIG = "study.json"
 DIRECTIONS_FILE = "directions.safetensors"
 LOCK_FILE = ".lock"
 OPTIMIZE_FILE = "optimize.json"  # in an output's abliterate/ folder: the picked trial
-PEAK_MAX = 1.5
-FALLOFF_MAX = 12.0
 DEFAULT_TRIALS = 50
-SUPPORTED_METHODS = ("standard", "projected")
+STARTUP_SHARE = 0.3  # random start-up trials by default: Heretic's 60 of 200
 # Settings a study's objectives depend on: a resumed study must be run with the same values.
 STUDY_KEYS = ("model", "revision", "lang", "prompts", "method", "n_train", "n_val", "layer", "pos", "prune_layers",
-              "kl_threshold", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "judge", "quantize")
+              "kl_threshold", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "judge", "quantize",
+              "winsorize")
+# Study settings added after studies existed, with the value an older study.json's absence means.
+ADDED_KEYS: dict[str, Any] = {"kernel": "gaussian", "trial_edit": "hooks", "over_refusal_max": None, "winsorize": 1.0}
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,10 @@ class OptimizeOptions:
     kl_prompts: int
     trial_max_new_tokens: int
     plots: bool
+    startup_trials: int
+    kernel: Kernel = "window"
+    trial_edit: TrialEdit = "hooks"
+    over_refusal_max: float | None = None
 
     @classmethod
     def from_section(cls, settings: Settings, section: OptimizeSettings) -> OptimizeOptions:
@@ -103,88 +112,20 @@ class OptimizeOptions:
         if out is not None and pick is None:
             raise UsageError("--out is only used with --pick", hint="pass --pick N to write trial N's checkpoint")
         trials = section.trials if section.trials is not None else 0 if pick is not None else DEFAULT_TRIALS
+        startup = section.startup_trials
+        if startup is None:
+            startup = max(1, round(STARTUP_SHARE * (trials or DEFAULT_TRIALS)))
+        trial_edit: TrialEdit = section.trial_edit if section.trial_edit != "auto" else (
+            "weights" if settings.method == NORM_PRESERVING else "hooks")
         return cls(section.study or default_study(settings.model), trials, pick, out, settings.overwrite, section.seed,
-                   section.trial_prompts, section.kl_prompts, section.trial_max_new_tokens, section.plots)
+                   section.trial_prompts, section.kl_prompts, section.trial_max_new_tokens, section.plots, startup,
+                   section.kernel, trial_edit, section.over_refusal_max)
 
 
 def default_study(model: str) -> Path:
     """optimize-<model name> in the current folder."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-.") or "model"
     return Path(f"optimize-{name}")
-
-
-# --- search space ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """Bounds of one study: the model's depth and the layers a direction may come from."""
-
-    n_layers: int
-    layer_min: int  # the first layer with a non-zero candidate (layer 0's input is the embedding alone)
-    layer_max: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"n_layers": self.n_layers, "layer_min": self.layer_min, "layer_max": self.layer_max,
-                "peak_max": PEAK_MAX, "falloff_max": FALLOFF_MAX}
-
-
-@dataclass(frozen=True)
-class WeightProfile:
-    """Searched form of a `Profile`: falloff = n_layers / width, so that 0 is a flat profile."""
-
-    peak: float
-    pos: float
-    falloff: float
-
-    def weight(self, layer: float, n_layers: int) -> float:
-        z = (layer - self.pos) * self.falloff / n_layers
-        return self.peak * math.exp(-0.5 * z * z)
-
-    def profile(self, n_layers: int) -> Profile:
-        return Profile(self.peak, self.pos, n_layers / self.falloff if self.falloff > 0 else math.inf)
-
-
-@dataclass(frozen=True)
-class TrialParams:
-    """One point of the search space."""
-
-    layer: float
-    attention: WeightProfile
-    mlp: WeightProfile
-
-    @classmethod
-    def suggest(cls, trial: optuna.Trial, space: SearchSpace) -> TrialParams:
-        def profile(name: str) -> WeightProfile:
-            return WeightProfile(
-                trial.suggest_float(f"{name}_peak", 0.0, PEAK_MAX),
-                trial.suggest_float(f"{name}_pos", 0.0, float(space.n_layers - 1)),
-                trial.suggest_float(f"{name}_falloff", 0.0, FALLOFF_MAX),
-            )
-
-        layer = trial.suggest_float("layer", float(space.layer_min), float(space.layer_max))
-        return cls(layer, profile("attn"), profile("mlp"))
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> TrialParams:
-        def profile(name: str) -> WeightProfile:
-            return WeightProfile(*(float(params[f"{name}_{key}"]) for key in ("peak", "pos", "falloff")))
-
-        return cls(float(params["layer"]), profile("attn"), profile("mlp"))
-
-    @classmethod
-    def reference(cls, layer: int) -> dict[str, float]:
-        """The paper's default edit as trial parameters: `layer`'s direction, weight 1 everywhere."""
-        flat = {"peak": 1.0, "pos": 0.0, "falloff": 0.0}
-        return {"layer": float(layer), **{f"{c}_{k}": v for c in ("attn", "mlp") for k, v in flat.items()}}
-
-    def weights(self, n_layers: int) -> AblationWeights:
-        """Per-layer weights; the embedding takes the attention profile's weight at layer 0."""
-        return AblationWeights(
-            self.attention.weight(0, n_layers),
-            tuple(self.attention.weight(layer, n_layers) for layer in range(n_layers)),
-            tuple(self.mlp.weight(layer, n_layers) for layer in range(n_layers)),
-        )
 
 
 # --- the candidate directions of one study ----------------------------------------------------------------
@@ -262,6 +203,7 @@ class TrialSet:
     harmless: Batches
     harmless_langs: list[str]
     base_logits: torch.Tensor
+    harmless_texts: list[str]
 
     @classmethod
     def build(cls, loaded: LoadedModel, settings: Settings, options: OptimizeOptions) -> TrialSet:
@@ -276,6 +218,7 @@ class TrialSet:
             batches,
             [lang for lang in langs for _ in harmless[lang]],
             collect_logits(loaded.model, batches, "unedited logits"),
+            [t for lang in langs for t in harmless[lang]],
         )
 
 
@@ -285,10 +228,16 @@ class TrialScores:
 
     refusal_by_lang: dict[str, float]
     kl_by_lang: dict[str, float]
+    over_refusal_by_lang: dict[str, float] | None = None  # measured only under --over-refusal-max
 
     @property
     def refusal(self) -> float:
         return sum(self.refusal_by_lang.values()) / len(self.refusal_by_lang)
+
+    @property
+    def over_refusal(self) -> float | None:
+        values = self.over_refusal_by_lang
+        return sum(values.values()) / len(values) if values else None
 
     @property
     def kl(self) -> float:
@@ -303,20 +252,43 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+@dataclass(frozen=True)
+class TrialEditing:
+    """How a trial puts its edit into the loaded model (`--trial-edit`) and what it measures besides."""
+
+    mode: TrialEdit
+    norm_preserving: bool
+    over_refusal: bool
+
+    def applied(self, loaded: LoadedModel, direction: torch.Tensor, weights: AblationWeights) -> Any:
+        """A context manager: hooks on the residual writes, or the checkpoint's weight edit done in memory."""
+        if self.mode == "weights":
+            return edited_weights(loaded.model, loaded.arch, direction, weights, norm_preserving=self.norm_preserving)
+        return weighted_ablation(loaded.model, loaded.arch, direction, weights)
+
+
 def measure(
     loaded: LoadedModel, trial_set: TrialSet, judge: Judge, direction: torch.Tensor, weights: AblationWeights,
-    max_new_tokens: int, batch_size: int,
+    max_new_tokens: int, batch_size: int, editing: TrialEditing,
 ) -> TrialScores:
-    """Refusal rate and first-token KL per language with the weighted ablation hooked in (removed after)."""
+    """Refusal rate and first-token KL per language (and over-refusal if asked) with the edit applied (undone after)."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    with weighted_ablation(model, loaded.arch, direction, weights):
+    harmless_texts: list[str] = []
+    with editing.applied(loaded, direction, weights):
         texts = generate(model, tokenizer, trial_set.harmful, max_new_tokens, batch_size).texts
         logits = collect_logits(model, trial_set.harmless)
+        if editing.over_refusal:
+            harmless_texts = generate(model, tokenizer, trial_set.harmless_texts, max_new_tokens, batch_size).texts
     verdicts = judge.judge(trial_set.harmful, texts, trial_set.harmful_langs)
     kl = kl_divergence(trial_set.base_logits, logits).tolist()
+    over = None
+    if editing.over_refusal:
+        refused = judge.judge(trial_set.harmless_texts, harmless_texts, trial_set.harmless_langs)
+        over = _means([float(v) for v in refused], trial_set.harmless_langs, trial_set.langs)
     return TrialScores(
         _means([float(v) for v in verdicts], trial_set.harmful_langs, trial_set.langs),
         _means(kl, trial_set.harmless_langs, trial_set.langs),
+        over,
     )
 
 
@@ -365,6 +337,9 @@ def requested_config(settings: Settings, options: OptimizeOptions) -> dict[str, 
         "trial_prompts": options.trial_prompts,
         "kl_prompts": options.kl_prompts,
         "max_new_tokens": options.trial_max_new_tokens,
+        "kernel": options.kernel,
+        "trial_edit": options.trial_edit,
+        "over_refusal_max": options.over_refusal_max,
     }
 
 
@@ -382,9 +357,10 @@ def read_config_file(folder: Path) -> dict[str, Any] | None:
 def check_config(folder: Path, stored: dict[str, Any], requested: dict[str, Any], keys: list[str]) -> None:
     """A one-line error naming the first setting that differs from the one the study was made with."""
     for key in keys:
-        if stored["settings"].get(key) != requested.get(key):
+        made_with = stored["settings"].get(key, ADDED_KEYS.get(key))
+        if made_with != requested.get(key):
             raise UsageError(
-                f"study {folder} was made with {key}={stored['settings'].get(key)!r}, not {requested.get(key)!r}",
+                f"study {folder} was made with {key}={made_with!r}, not {requested.get(key)!r}",
                 hint="run it with the same settings, choose another --study, or delete the folder to start again",
             )
 
@@ -402,17 +378,31 @@ def write_config_file(
     write_json(folder / STUDY_CONFIG, record)
 
 
-def open_study(folder: Path, seed: int) -> optuna.Study:
-    """Create or load the study; the sampler's seed moves on with the trials already run (no repeats)."""
+def open_study(folder: Path, seed: int, startup_trials: int = 10) -> optuna.Study:
+    """Create or load the study; the sampler's seed moves on with the trials already run (no repeats).
+
+    The sampler is Optuna's multivariate TPE (parameters modelled jointly) after `startup_trials` random trials;
+    trials that break the over-refusal constraint (user attribute `over_refusal_excess` > 0) count as infeasible.
+    """
     optuna = _optuna()
     storage = f"sqlite:///{(folder / STUDY_DB).resolve()}"
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["minimize", "minimize"],
                                 load_if_exists=True)
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, constraints
+        study.sampler = optuna.samplers.TPESampler(
+            seed=seed + len(study.trials), n_startup_trials=startup_trials, multivariate=True,
+            n_ei_candidates=128, constraints_func=constraint_values,
+        )
     return study
 
 
-def prepare_study(study: optuna.Study, default_layer: int) -> None:
+def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
+    """Optuna's constraint: the over-refusal above --over-refusal-max (feasible when <= 0; 0 when not measured)."""
+    return [float(trial.user_attrs.get("over_refusal_excess", 0.0))]
+
+
+def prepare_study(study: optuna.Study, default_layer: int, space: SearchSpace) -> None:
     """Fail trials left running by a killed process; enqueue the reference trial unless it ran or is queued."""
     from optuna.trial import TrialState
 
@@ -421,7 +411,7 @@ def prepare_study(study: optuna.Study, default_layer: int) -> None:
         study.tell(trial.number, state=TrialState.FAIL)
     alive = (TrialState.COMPLETE, TrialState.WAITING)
     if not any(t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False, states=alive)):
-        study.enqueue_trial(TrialParams.reference(default_layer), user_attrs={"reference": True})
+        study.enqueue_trial(TrialParams.reference(default_layer, space), user_attrs={"reference": True})
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -444,6 +434,7 @@ class Searcher:
     judge: Judge
     options: OptimizeOptions
     batch_size: int
+    editing: TrialEditing
 
     def run_trial(self, study: optuna.Study) -> None:
         """Ask, measure, tell; a failed or interrupted trial is told as failed before the error goes on."""
@@ -453,12 +444,16 @@ class Searcher:
         try:
             params = TrialParams.suggest(trial, self.space)
             scores = measure(self.loaded, self.trial_set, self.judge, self.directions.at(params.layer),
-                             params.weights(self.space.n_layers), self.options.trial_max_new_tokens, self.batch_size)
+                             params.weights(self.space.n_layers), self.options.trial_max_new_tokens, self.batch_size,
+                             self.editing)
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
         trial.set_user_attr("refusal_by_lang", scores.refusal_by_lang)
         trial.set_user_attr("kl_by_lang", scores.kl_by_lang)
+        if scores.over_refusal is not None and self.options.over_refusal_max is not None:
+            trial.set_user_attr("over_refusal_by_lang", scores.over_refusal_by_lang)
+            trial.set_user_attr("over_refusal_excess", scores.over_refusal - self.options.over_refusal_max)
         trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
         study.tell(trial, [scores.refusal, scores.kl])
         log.info("trial %d: refusal %.3f, KL %.4f (direction layer %.2f; %.1f s)", trial.number, scores.refusal,
@@ -480,19 +475,14 @@ def compute_directions(loaded: LoadedModel, settings: Settings) -> tuple[LayerDi
     return directions, prompts
 
 
-def search_space(directions: LayerDirections, settings: Settings) -> SearchSpace:
+def search_space(directions: LayerDirections, settings: Settings, kernel: Kernel) -> SearchSpace:
     """Direction layers: from the first non-zero candidate to the last eligible layer (and the default one)."""
     n_layers, default = int(directions.vectors.shape[0]), directions.default_layer
     nonzero = [layer for layer in range(n_layers) if float(directions.vectors[layer].norm()) > 0.0]
     if not nonzero:
         raise UsageError("every candidate direction is zero", hint="check the prompts: harmful and harmless differ?")
     layer_max = max(eligible_layers(n_layers, settings.prune_layers)[-1], default, nonzero[0])
-    return SearchSpace(n_layers, min(nonzero[0], default), layer_max)
-
-
-def _space_from(stored: dict[str, Any]) -> SearchSpace:
-    space = stored["space"]
-    return SearchSpace(int(space["n_layers"]), int(space["layer_min"]), int(space["layer_max"]))
+    return SearchSpace(n_layers, min(nonzero[0], default), layer_max, kernel)
 
 
 def run_search(settings: Settings, options: OptimizeOptions, stored: dict[str, Any] | None) -> int:
@@ -503,19 +493,20 @@ def run_search(settings: Settings, options: OptimizeOptions, stored: dict[str, A
     settings = resolve_batch_size(settings, loaded, trial_texts)
     if stored is None:
         directions, prompts = compute_directions(loaded, settings)
-        space = search_space(directions, settings)
+        space = search_space(directions, settings, options.kernel)
         directions.save(folder / DIRECTIONS_FILE)
         write_config_file(folder, requested_config(settings, options), space, directions, prompts)
     else:
-        directions, space = LayerDirections.load(folder / DIRECTIONS_FILE), _space_from(stored)
-    study = open_study(folder, options.seed)
-    prepare_study(study, directions.default_layer)
+        directions, space = LayerDirections.load(folder / DIRECTIONS_FILE), SearchSpace.from_json(stored["space"])
+    study = open_study(folder, options.seed, options.startup_trials)
+    prepare_study(study, directions.default_layer, space)
     remaining = options.trials - len(finished(study))
     if remaining <= 0:
         return 0
     judge = make_judge(settings.judge, device=settings.device, dtype=settings.dtype)
+    editing = TrialEditing(options.trial_edit, settings.method == NORM_PRESERVING, options.over_refusal_max is not None)
     searcher = Searcher(loaded, directions, space, TrialSet.build(loaded, settings, options), judge, options,
-                        fixed_batch_size(settings.batch_size))
+                        fixed_batch_size(settings.batch_size), editing)
     for _ in progress.track(range(remaining), "optimize", remaining, "trial"):
         searcher.run_trial(study)
     return remaining
@@ -524,10 +515,12 @@ def run_search(settings: Settings, options: OptimizeOptions, stored: dict[str, A
 def trial_row(trial: optuna.trial.FrozenTrial, n_layers: int) -> TrialRow:
     params = TrialParams.from_params(trial.params)
     refusal, kl = trial.values
+    over = trial.user_attrs.get("over_refusal_by_lang")
     return TrialRow(
         trial.number, float(refusal), float(kl), params.layer, params.attention.profile(n_layers),
         params.mlp.profile(n_layers), params.weights(n_layers).embedding, bool(trial.user_attrs.get("reference")),
         dict(trial.user_attrs.get("refusal_by_lang", {})), dict(trial.user_attrs.get("kl_by_lang", {})),
+        dict(over) if over is not None else None, float(trial.user_attrs.get("over_refusal_excess", 0.0)) <= 0.0,
     )
 
 
@@ -585,9 +578,9 @@ class OptimizeResult:
 
 def _check_start(settings: Settings, options: OptimizeOptions) -> None:
     """Fail fast, before the study folder is created or any forward pass: the method, MODEL, --pick's --out."""
-    if settings.method not in SUPPORTED_METHODS:
-        raise UsageError(f"optimize does not support --method {settings.method}",
-                         hint="trials are hooks that model the plain projection; use standard or projected")
+    if settings.method == NORM_PRESERVING and options.trial_edit == "hooks":
+        raise UsageError("--trial-edit hooks cannot model --method norm-preserving (its rescaling changes weights)",
+                         hint="use --trial-edit weights (or auto), which edits the loaded weights as the checkpoint")
     check_format(settings)
     source = resolve(settings.model, revision=settings.revision, allow_pickle=settings.allow_pickle)  # a bad MODEL
     if options.out is not None:

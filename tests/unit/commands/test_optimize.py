@@ -18,17 +18,17 @@ from tiny_models import build
 from transformers import AutoModelForCausalLM
 
 from abliterate.commands.optimize.pareto import Profile, TrialRow, pareto_front
+from abliterate.commands.optimize.space import SearchSpace, TrialParams, WeightProfile, WindowKernel
 from abliterate.commands.optimize.study import (
     STUDY_DB,
     STUDY_NAME,
     LayerDirections,
-    TrialParams,
-    WeightProfile,
     default_study,
     prepare_study,
 )
 from abliterate.direction.vector import Direction
 from abliterate.edit.formats import OutputOptions
+from abliterate.edit.in_memory import edited_weights
 from abliterate.model.ablation import AblationWeights
 from abliterate.model.archs import lookup
 from abliterate.model.checkpoint import Checkpoint
@@ -76,6 +76,39 @@ def test_weighted_hooks_equal_weighted_checkpoint(tmp_path: Path, family: str, t
         result = edited(_ids()).logits
     assert float((result - hooked).abs().max()) < 1e-4
     assert float((result - original).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("family", "tied", "method"),
+    [("llama", True, "standard"), ("llama", False, "norm-preserving"), ("qwen2", False, "norm-preserving"),
+     ("qwen2_moe", True, "norm-preserving"), ("gemma2", None, "standard"), ("gemma3_text", None, "norm-preserving"),
+     ("phi3", False, "standard"), ("mixtral", None, "norm-preserving"), ("gpt_oss", None, "norm-preserving"),
+     ("deepseek_v3", None, "standard"), ("llama4", None, "norm-preserving"), ("qwen3_5_moe", None, "standard"),
+     ("gemma3", None, "standard"), ("gemma4_text", None, "norm-preserving"), ("olmo2", None, "standard"),
+     ("granitemoehybrid", None, "norm-preserving"), ("qwen3_next", None, "standard")],
+)
+def test_weights_edited_in_memory_equal_the_written_checkpoint(
+    tmp_path: Path, family: str, tied: bool | None, method: str
+) -> None:
+    """`--trial-edit weights` measures exactly what --pick writes, post-norm families and norm-preserving included;
+    the loaded model is bit-identical afterwards, also after an error inside the block."""
+    model = build(family, tmp_path / "source", tied=tied)
+    r, weights = _unit(1), _weights(3)
+    write_edited(tmp_path / "out", tmp_path / "source", Direction(r, weights=weights, method=method),
+                 OutputOptions(max_shard_size=40_000))
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    arch = lookup(family)
+    with torch.no_grad():
+        before = model(_ids()).logits
+        with edited_weights(model, arch, r, weights, norm_preserving=method == "norm-preserving"):
+            in_memory = model(_ids()).logits
+        assert torch.equal(model(_ids()).logits, before)
+        with pytest.raises(RuntimeError), edited_weights(model, arch, r, weights):
+            raise RuntimeError("trial failed")
+        assert torch.equal(model(_ids()).logits, before)
+        expected = written(_ids()).logits
+    assert float((in_memory - expected).abs().max()) < 1e-4
+    assert float((expected - before).abs().max()) > 1e-3
 
 
 def test_weight_one_everywhere_is_exactly_the_plain_edit(tmp_path: Path) -> None:
@@ -156,14 +189,31 @@ def test_fractional_layer_interpolates_neighbouring_directions() -> None:
     assert torch.allclose(middle, expected, atol=1e-6)
 
 
-def test_reference_trial_is_weight_one_everywhere() -> None:
-    params = TrialParams.from_params(TrialParams.reference(7))
+@pytest.mark.parametrize("kernel", ["window", "gaussian"])
+def test_reference_trial_is_weight_one_everywhere(kernel: str) -> None:
+    params = TrialParams.from_params(TrialParams.reference(7, SearchSpace(12, 1, 9, kernel)))  # type: ignore[arg-type]
     weights = params.weights(12)
     assert params.layer == 7.0 and weights.is_full()
+
+
+def test_gaussian_kernel_falls_off_from_its_peak() -> None:
     peaked = WeightProfile(peak=0.8, pos=4.0, falloff=6.0)
     assert peaked.weight(4.0, 12) == 0.8
     assert peaked.weight(0.0, 12) < peaked.weight(3.0, 12) < 0.8  # falls off with distance from the peak
     assert math.isinf(WeightProfile(1.0, 0.0, 0.0).profile(12).width)
+
+
+def test_window_kernel_is_linear_inside_and_exactly_zero_outside() -> None:
+    window = WindowKernel(peak=1.2, pos=10.0, floor=0.25, reach=4.0)
+    assert window.weight(10.0, 30) == 1.2
+    assert window.weight(12.0, 30) == pytest.approx(1.2 * (1 - 0.75 * 0.5))  # halfway to the edge
+    assert window.weight(14.0, 30) == pytest.approx(0.3) and window.weight(6.0, 30) == pytest.approx(0.3)
+    assert window.weight(14.5, 30) == 0.0 and window.weight(0.0, 30) == 0.0
+    off = WindowKernel(peak=-0.1, pos=10.0, floor=1.0, reach=30.0)  # sampled below 0: the component is left alone
+    assert all(off.weight(layer, 30) == 0.0 for layer in range(30)) and off.profile(30).label() == "off"
+    params = TrialParams(12.0, window, off, embed=-0.2)
+    weights = params.weights(30)
+    assert weights.embedding == 0.0 and set(weights.mlp) == {0.0} and weights.attention[10] == 1.2
 
 
 def test_pareto_front_keeps_only_undominated_trials() -> None:
@@ -175,14 +225,17 @@ def test_pareto_front_keeps_only_undominated_trials() -> None:
     rows = [row(0, 0.5, 0.1), row(1, 0.4, 0.1), row(2, 0.6, 0.01), row(3, 0.7, 0.2), row(4, 0.4, 0.1)]
     assert [r.number for r in pareto_front(rows)] == [1, 4, 2]
     assert rows[1].dominates(rows[0]) and not rows[1].dominates(rows[4])
+    over = TrialRow(5, 0.0, 0.001, 1.0, flat, flat, 1.0, feasible=False)  # beats all, but over-refuses
+    assert [r.number for r in pareto_front([*rows, over])] == [1, 4, 2]
 
 
 def test_interrupted_trials_are_failed_and_the_reference_requeued() -> None:
     study = optuna.create_study(directions=["minimize", "minimize"])
-    prepare_study(study, default_layer=2)
+    space = SearchSpace(4, 1, 3, "window")
+    prepare_study(study, default_layer=2, space=space)
     interrupted = study.ask()  # the enqueued reference, left running by a killed process
     assert interrupted.user_attrs.get("reference")
-    prepare_study(study, default_layer=2)
+    prepare_study(study, default_layer=2, space=space)
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
     assert study.trials[1].params == {} and study.trials[1].user_attrs == {"reference": True}
@@ -207,7 +260,7 @@ def test_study_resumes_and_pick_writes_a_checkpoint(tiny_chat: Path, tmp_path: P
     assert "reference (paper default)" in first.stdout
     done = _trials(study)
     assert [t.number for t in done] == [0, 1] and done[0].user_attrs["reference"]
-    assert done[0].params == TrialParams.reference(int(done[0].params["layer"]))
+    assert done[0].params == TrialParams.reference(int(done[0].params["layer"]), SearchSpace(LAYERS, 1, 2, "window"))
 
     again = run("optimize", tiny_chat, "--trials", "3", "--study", study, *FAST, check=True)
     assert "(1 run now)" in again.stdout
@@ -244,7 +297,8 @@ def test_bad_optimize_options_fail_in_one_line(tiny_chat: Path, tmp_path: Path) 
     assert_one_line_error(run("optimize", tiny_chat, "--pick", "1", "--study", tmp_path / "s"), "--pick needs --out")
     no_study = run("optimize", tiny_chat, "--pick", "1", "--out", tmp_path / "o", "--study", tmp_path / "none")
     assert_one_line_error(no_study, "no study in")
-    method = run("optimize", tiny_chat, "--method", "norm-preserving", "--study", tmp_path / "s")
+    method = run("optimize", tiny_chat, "--method", "norm-preserving", "--trial-edit", "hooks", "--study",
+                 tmp_path / "s")
     assert_one_line_error(method, "norm-preserving")
     missing = run("optimize", tmp_path / "no-such-model", "--trials", "1", "--study", tmp_path / "bad")
     assert_one_line_error(missing, "not found")

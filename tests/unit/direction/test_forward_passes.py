@@ -67,6 +67,29 @@ def test_captured_means_are_the_hidden_states_at_the_read_positions(loaded: Load
     assert torch.allclose(sink, torch.stack(firsts).double().mean(0), atol=1e-5)
 
 
+def test_winsorized_means_clamp_each_prompts_vectors_to_their_quantile(loaded: LoadedModel) -> None:
+    """--winsorize q: each read vector clamped to +-(the q-quantile of its absolute entries) before the mean
+    (reference: numpy's inverted-CDF quantile); the first-token means, which the sink cleaning reads, unclamped."""
+    import numpy as np
+
+    n_pos, q = post_instruction_length(loaded.tokenizer), 0.9
+    clamped, sink = mean_activations(loaded.model, loaded.tokenizer, loaded.arch, TEXTS, n_pos, 2, "test", q)
+    _, plain_sink = mean_activations(loaded.model, loaded.tokenizer, loaded.arch, TEXTS, n_pos, 2, "test")
+    expected = []
+    with torch.no_grad():
+        for _indices, batch in make_batches(loaded.tokenizer, TEXTS, 2):
+            states = loaded.model(**batch, output_hidden_states=True).hidden_states[:-1]
+            for row in range(batch["input_ids"].shape[0]):
+                for h in states:
+                    for vector in h[row, -n_pos:].numpy():
+                        bound = np.quantile(np.abs(vector), q, method="inverted_cdf")
+                        expected.append(np.clip(vector, -bound, bound))
+    reference = torch.tensor(np.array(expected), dtype=torch.float64)
+    reference = reference.reshape(len(TEXTS), loaded.n_layers, n_pos, -1).mean(0).transpose(0, 1)
+    assert torch.allclose(clamped, reference, atol=1e-5)
+    assert torch.allclose(sink, plain_sink)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
 def test_grouped_ablation_equals_one_direction_at_a_time(family: str, tmp_path: Path) -> None:
     build(family, tmp_path / family)
