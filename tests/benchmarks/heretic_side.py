@@ -229,7 +229,8 @@ HERETIC_BASE = re.compile(r"Initial refusals: (\d+)/(\d+)")
 def evaluate(setup: HereticSetup, model: Path, log: Path) -> dict[str, Any]:
     """`heretic --evaluate-model MODEL`: Heretic's refusals and first-token KL of `model` against the base."""
     start = time.time()
-    driver = Driver(setup, ["--evaluate-model", str(model.resolve())], log)
+    # --model too: with a bare value last on the line, Heretic takes that value for the model
+    driver = Driver(setup, ["--evaluate-model", str(model.resolve()), "--model", str(setup.model)], log)
     code = driver.finish()
     text = driver.transcript.text
     found = HERETIC_SCORE.findall(text.split("Evaluating...")[-1])
