@@ -2,7 +2,9 @@
 
 Metadata travels with the vector: layer, position, language, source model, method; `apply` needs the vector
 and, for a partial edit found by `abliterate optimize`, the per-layer ablation weights (`weights`, JSON); the
-rest is provenance.
+rest is provenance. A per-layer edit (`optimize`'s direction scope "per layer") also stores `per_layer`,
+float32 [n_layers, hidden]: layer l's attention and MLP outputs are edited against row l, the embedding against
+`direction`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Direction:
     method: str = ""
     extra: dict[str, str] = field(default_factory=dict)
     weights: AblationWeights | None = None  # per-layer partial ablation; None: weight 1 everywhere
+    per_layer: torch.Tensor | None = None  # [n_layers, hidden]: each layer's own direction; None: `vector` everywhere
 
     def __post_init__(self) -> None:
         vec = self.vector.detach().to(torch.float32).reshape(-1).cpu()
@@ -41,6 +44,19 @@ class Direction:
         if not torch.isfinite(vec).all() or norm == 0.0:
             raise UsageError("the refusal direction is zero or not finite", hint="recompute it with `directions`")
         self.vector = vec / norm
+        if self.per_layer is not None:
+            rows = self.per_layer.detach().to(torch.float32).cpu()
+            norms = rows.norm(dim=-1, keepdim=True)
+            if rows.dim() != 2 or rows.shape[1] != vec.numel() or not torch.isfinite(rows).all() or (norms == 0).any():
+                raise UsageError("the per-layer directions are not [n_layers, hidden] non-zero finite vectors",
+                                 hint="create the direction again")
+            self.per_layer = rows / norms
+
+    def for_layer(self, layer: int) -> torch.Tensor:
+        """The unit vector layer `layer`'s writers are edited against (-1, the embedding: `vector`)."""
+        if self.per_layer is None or layer < 0:
+            return self.vector
+        return self.per_layer[layer]
 
     @property
     def hidden_size(self) -> int:
@@ -62,10 +78,13 @@ class Direction:
     def save(self, path: Path) -> Path:
         """Write the direction file (byte-for-byte reproducible: metadata in a fixed order)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        vector = self.vector.contiguous()
-        plan = ShardPlan(path.name, [TensorSpec("direction", "F32", tuple(vector.shape), vector.numel() * 4)])
-        with ShardWriter(path.parent, plan, dict(sorted(self.metadata().items()))) as writer:
-            writer.write("direction", tensor_buffer(vector))
+        tensors = {"direction": self.vector.contiguous()}
+        if self.per_layer is not None:
+            tensors["per_layer"] = self.per_layer.contiguous()
+        specs = [TensorSpec(name, "F32", tuple(t.shape), t.numel() * 4) for name, t in tensors.items()]
+        with ShardWriter(path.parent, ShardPlan(path.name, specs), dict(sorted(self.metadata().items()))) as writer:
+            for name, tensor in tensors.items():
+                writer.write(name, tensor_buffer(tensor))
         return path
 
     @classmethod
@@ -83,6 +102,7 @@ class Direction:
                         f"{path} has no tensor named 'direction'", hint="create it with `abliterate directions`"
                     )
                 vector = fh.get_tensor("direction")
+                per_layer = fh.get_tensor("per_layer") if "per_layer" in fh.keys() else None  # noqa: SIM118
                 meta = dict(fh.metadata() or {})
         except (SafetensorError, OSError) as err:
             raise UsageError(f"cannot read direction file {path}: {err}", hint="create it again") from None
@@ -101,6 +121,7 @@ class Direction:
             method=meta.get("method", ""),
             extra={k: v for k, v in meta.items() if k not in known},
             weights=_weights_from(meta.get(WEIGHTS_KEY), path),
+            per_layer=per_layer,
         )
 
     def describe(self) -> str:

@@ -89,6 +89,9 @@ def write_edit(
     hasher: FileHasher | None = None,
 ) -> Written:
     """Write the edit in `options.format` into the existing (temporary) folder `out`."""
+    if direction.per_layer is not None and options.format != "safetensors":
+        raise UsageError(f"a per-layer direction cannot be written as --format {options.format} yet",
+                         hint="write it with --format safetensors (then convert, e.g. with llama.cpp)")
     if options.format == "gguf":
         result = write_gguf(source, checkpoint, config, direction, out, options.gguf)
         return Written(result.plan, result.record(), result.summary())

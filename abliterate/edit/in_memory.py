@@ -99,10 +99,18 @@ def _untied(model: nn.Module) -> Iterator[None]:
 @contextmanager
 def edited_weights(
     model: nn.Module, arch: Architecture, direction: torch.Tensor, weights: AblationWeights | None = None,
-    *, norm_preserving: bool = False,
+    *, norm_preserving: bool = False, per_layer: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Edit the model's residual-writing weights as the checkpoint edit would; restore them when the block ends."""
-    r = (direction / direction.norm()).to(torch.float32)
+    """Edit the model's residual-writing weights as the checkpoint edit would; restore them when the block ends.
+
+    With `per_layer` ([n_layers, hidden]), layer l's writers are edited against its row l, the embedding against
+    `direction` (as `Direction.for_layer`).
+    """
+
+    def unit(layer: int) -> torch.Tensor:
+        vector = direction if per_layer is None or layer < 0 else per_layer[layer]
+        return (vector / vector.norm()).to(torch.float32)
+
     writers = writer_parameters(model, arch)
     saved: list[tuple[nn.Parameter, torch.Tensor]] = []
     edits_embedding = weights is None or weights.embedding != 0.0
@@ -116,9 +124,9 @@ def edited_weights(
                 if not param.dtype.is_floating_point:
                     raise UsageError(f"{writer.name} is quantized ({param.dtype})",
                                      hint="use --trial-edit hooks, or load the model without --quantize")
-                unit = _direction_for(model, arch, writer, r).to(param.device)
+                r = _direction_for(model, arch, writer, unit(writer.layer)).to(param.device)
                 rescale = norm_preserving and not writer.bias
-                edited = project_out(param.data, unit, writer.axis, rescale=rescale, weight=w)
+                edited = project_out(param.data, r, writer.axis, rescale=rescale, weight=w)
                 saved.append((param, param.data.clone()))
                 param.data.copy_(edited)
             yield

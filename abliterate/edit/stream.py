@@ -153,9 +153,10 @@ def output_specs(plan: EditPlan, checkpoint: Checkpoint) -> list[TensorSpec]:
 
 
 def _write_tensor(
-    writer: ShardWriter, spec: TensorSpec, plan: EditPlan, checkpoint: Checkpoint, r: torch.Tensor
+    writer: ShardWriter, spec: TensorSpec, plan: EditPlan, checkpoint: Checkpoint, direction: Direction
 ) -> None:
     if spec.name in plan.edits:
+        r = direction.for_layer(plan.edits[spec.name][1]).to(torch.float32)
         for block in edited_blocks(plan, checkpoint, spec.name, r):
             writer.write(spec.name, tensor_buffer(block.to(DTYPES[spec.dtype])))  # derived: float32 -> bf16
         return
@@ -230,6 +231,12 @@ def plan_edit(checkpoint: Checkpoint, config: dict[str, object], direction: Dire
         log.info("norm-preserving edit: every edited weight vector is rescaled to its original norm")
     if direction.weights is not None:
         plan = replace(plan, weights=_checked_weights(direction.weights, plan))
+    n_layers = 1 + max(layer for _component, layer in plan.edits.values())
+    if direction.per_layer is not None and direction.per_layer.shape[0] != n_layers:
+        raise CheckpointError(
+            f"the direction has per-layer vectors for {direction.per_layer.shape[0]} layers, the checkpoint has "
+            f"{n_layers}", hint="use a direction made for this model",
+        )
     return plan
 
 
@@ -253,7 +260,6 @@ def write_checkpoint(
             "so that the edited model equals inference-time ablation",
             plan.arch.lm_head_tensor,
         )
-    r = direction.vector.to(torch.float32)
     shards = plan_shards(output_specs(plan, checkpoint), max_shard_size)
     ensure_free_space(out, sum(shard.nbytes for shard in shards))
     if hasher is not None:  # the source's weights, for provenance (hub cache blobs are named by their hash)
@@ -268,7 +274,7 @@ def write_checkpoint(
             if writer is not None:
                 _finish(writer, hasher)
             writer = ShardWriter(out, shard, checkpoint.metadata or {"format": "pt"})
-        _write_tensor(writer, spec, plan, checkpoint, r)
+        _write_tensor(writer, spec, plan, checkpoint, direction)
     if writer is not None:
         _finish(writer, hasher)
     write_index(out, shards)

@@ -1,7 +1,9 @@
 """Behavioural measurements of a chat model: greedy answers, refusal rate, first-token KL, fluency.
 
-Owns batched greedy generation through the model's chat template (left padding, length-sorted batches from
-`model.forward.make_batches`; each row leaves the batch as soon as it has ended, `greedy_rows`), the refusal
+Owns batched greedy generation through the model's chat template: continuous batching over the length-sorted
+prompts where the KV cache allows it (`continuous_rows`: a finished row's slot goes to the next prompt), else
+left-padded, length-sorted batches (`model.forward.make_batches`) whose finished rows leave as they end
+(`greedy_rows`); the refusal
 rate of those answers under a `Judge`, the per-prompt KL divergence of the first answer token between two
 models, and a cheap fluency check (non-empty, not a repetitive loop). Shared by the model organism,
 `abliterate demo` and the evaluation of edited models.
@@ -10,16 +12,19 @@ models, and a cheap fluency check (non-empty, not a repetitive loop). Shared by 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from abliterate import progress
 from abliterate.direction.selection import collect_logits, kl_divergence
 from abliterate.evaluation.judge import Judge
+from abliterate.model.chat import encode, render
 from abliterate.model.forward import make_batches
 
 log = logging.getLogger(__name__)
@@ -129,6 +134,145 @@ def greedy_rows(
     return rows
 
 
+# --- continuous batching: a finished row's slot goes to the next prompt -------------------------------------
+
+
+def can_merge_rows(cache: object) -> bool:
+    """Whether new rows can join a KV cache: every layer a plain `DynamicLayer` (keys [batch, heads, seq, dim]).
+
+    Sliding-window, linear-attention, Mamba and quantized caches cannot; `generate` then batches as before.
+    """
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)  # type: ignore[union-attr]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`tensor` with `width` zeros prepended along `dim`."""
+    if width == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = width
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+@dataclass
+class _Slots:
+    """The rows being decoded together: their prompts, answers so far, mask, positions, KV cache and logits."""
+
+    prompt: list[int]  # index of each row's prompt
+    made: list[int]  # tokens produced per row
+    ended: list[bool]
+    mask: torch.Tensor  # [rows, cache length]; left padding 0
+    last: torch.Tensor  # position id of each row's last token
+    cache: Any
+    logits: torch.Tensor  # [rows, vocab] of each row's next token
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in `rows` (and its KV cache)."""
+        index = torch.tensor(rows, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.prompt = [self.prompt[i] for i in rows]
+        self.made = [self.made[i] for i in rows]
+        self.ended = [self.ended[i] for i in rows]
+        self.mask, self.last, self.logits = self.mask[index], self.last[index], self.logits[index]
+
+    def join(self, new: _Slots) -> None:
+        """Add `new`'s rows: both caches left-padded (masked) to the longer one, then stacked."""
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        pad_old, pad_new = width - self.mask.shape[1], width - new.mask.shape[1]
+        for old, added in zip(self.cache.layers, new.cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, pad_old, -2), _left_pad(added.keys, pad_new, -2)])
+            old.values = torch.cat([_left_pad(old.values, pad_old, -2), _left_pad(added.values, pad_new, -2)])
+        self.mask = torch.cat([_left_pad(self.mask, pad_old, 1), _left_pad(new.mask, pad_new, 1)])
+        self.last = torch.cat([self.last, new.last])
+        self.logits = torch.cat([self.logits, new.logits])
+        self.prompt, self.made, self.ended = self.prompt + new.prompt, self.made + new.made, self.ended + new.ended
+
+
+def _prefill(model: PreTrainedModel, prompts: list[list[int]], chosen: list[int], pad: int) -> _Slots:
+    """Run the chosen prompts (left-padded) once: their KV cache and first-token logits."""
+    device = model.device
+    width = max(len(prompts[i]) for i in chosen)
+    ids = torch.full((len(chosen), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(chosen), width), dtype=torch.long)
+    for row, index in enumerate(chosen):
+        ids[row, width - len(prompts[index]):] = torch.tensor(prompts[index])
+        mask[row, width - len(prompts[index]):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return _Slots(list(chosen), [0] * len(chosen), [False] * len(chosen), mask, positions[:, -1],
+                  out.past_key_values, out.logits[:, -1])
+
+
+def continuous_rows(
+    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, stops: list[int], batch_size: int, pad: int
+) -> Iterator[tuple[int, list[int]]] | None:
+    """Greedy answers with continuous batching: (prompt index, answer ids) as each answer ends.
+
+    Up to `batch_size` rows decode together; once a quarter of the slots are free (`COMPACT_SHARE`), finished rows
+    leave the batch and the next prompts of the queue (in the given order) are prefilled and join it, their KV
+    cache and the batch's left-padded to the same length, so no slot waits for the batch's longest answer. Returns
+    None when the model's KV cache cannot take new rows (`can_merge_rows`): the caller batches as before.
+    """
+    queue = deque(range(len(prompts)))
+    first = _prefill(model, prompts, [queue.popleft() for _ in range(min(batch_size, len(queue)))], pad)
+    if not can_merge_rows(first.cache):
+        return None
+    return _decode(model, prompts, queue, first, max_new_tokens, set(stops), batch_size, pad)
+
+
+def _decode(
+    model: PreTrainedModel, prompts: list[list[int]], queue: deque[int], slots: _Slots, max_new_tokens: int,
+    stops: set[int], batch_size: int, pad: int,
+) -> Iterator[tuple[int, list[int]]]:
+    """Emit each row's next token, retire finished rows, refill free slots from `queue`, step; until all ended."""
+    answers: dict[int, list[int]] = {index: [] for index in slots.prompt}
+    while True:
+        tokens = slots.logits.argmax(dim=-1)
+        for row, token in enumerate(tokens.tolist()):
+            if not slots.ended[row]:
+                answers[slots.prompt[row]].append(token)
+                slots.made[row] += 1
+                if token in stops or slots.made[row] >= max_new_tokens:
+                    slots.ended[row] = True
+                    yield slots.prompt[row], answers.pop(slots.prompt[row])
+        n_ended = sum(slots.ended)
+        if n_ended == len(slots) and not queue:
+            return
+        refill = bool(queue) and (batch_size - len(slots) + n_ended) * COMPACT_SHARE >= batch_size
+        if not refill and n_ended * COMPACT_SHARE < len(slots):
+            slots.logits = _step(model, slots, tokens)  # too few finished to be worth a new batch shape
+            continue
+        alive = [row for row, ended in enumerate(slots.ended) if not ended]
+        slots.keep(alive)
+        tokens = tokens[torch.tensor(alive, dtype=torch.long, device=tokens.device)]
+        if alive:
+            slots.logits = _step(model, slots, tokens)
+        if refill:
+            new = _prefill(model, prompts, [queue.popleft() for _ in range(min(batch_size - len(alive), len(queue)))],
+                           pad)
+            answers.update({index: [] for index in new.prompt})
+            if alive:
+                slots.join(new)
+            else:
+                slots = new
+
+
+def _step(model: PreTrainedModel, slots: _Slots, tokens: torch.Tensor) -> torch.Tensor:
+    """One decoding step of every row: feed each row's last token, return the next logits."""
+    slots.mask = torch.cat([slots.mask, slots.mask.new_ones(len(slots), 1)], dim=1)
+    slots.last = slots.last + 1
+    out = model(input_ids=tokens[:, None], attention_mask=slots.mask, position_ids=slots.last[:, None],
+                past_key_values=slots.cache, use_cache=True)
+    slots.cache = out.past_key_values
+    logits: torch.Tensor = out.logits[:, -1]
+    return logits
+
+
 def _generate_rows(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor], config: GenerationConfig, stops: list[int]
 ) -> list[list[int]]:
@@ -153,17 +297,36 @@ def generate(
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad)
-    batches = make_batches(tokenizer, list(instructions), batch_size)
     ids: list[list[int]] = [[] for _ in instructions]
     finished = [False] * len(instructions)
-    items = progress.track(batches, desc, len(batches), "batch") if desc else iter(batches)
     with torch.inference_mode():
-        for indices, batch in items:
-            inputs = {k: v.to(model.device) for k, v in batch.items()}
-            for index, row in zip(indices, _generate_rows(model, inputs, config, stops), strict=True):
-                ids[index], finished[index] = _cut(row, set(stops))
+        if instructions and not _continuous(model, tokenizer, instructions, config, stops, batch_size, desc, ids,
+                                            finished):
+            batches = make_batches(tokenizer, list(instructions), batch_size)
+            items = progress.track(batches, desc, len(batches), "batch") if desc else iter(batches)
+            for indices, batch in items:
+                inputs = {k: v.to(model.device) for k, v in batch.items()}
+                for index, row in zip(indices, _generate_rows(model, inputs, config, stops), strict=True):
+                    ids[index], finished[index] = _cut(row, set(stops))
     texts = [str(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return Generation(ids, texts, finished)
+
+
+def _continuous(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, instructions: Sequence[str], config: GenerationConfig,
+    stops: list[int], batch_size: int, desc: str | None, ids: list[list[int]], finished: list[bool],
+) -> bool:
+    """Fill `ids`/`finished` by continuous batching over the length-sorted prompts; False if the cache cannot."""
+    encoded = encode(tokenizer, [render(tokenizer, text) for text in instructions])
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    rows = continuous_rows(model, [encoded[i] for i in order], int(config.max_new_tokens), stops, batch_size,
+                           int(config.pad_token_id))
+    if rows is None:
+        return False
+    items = progress.track(rows, desc, len(order), "answer") if desc else rows
+    for position, row in items:
+        ids[order[position]], finished[order[position]] = _cut(row, set(stops))
+    return True
 
 
 def refusal_rate(

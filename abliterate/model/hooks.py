@@ -270,34 +270,44 @@ def grouped_directional_ablation(
 
 def weighted_writers(
     model: nn.Module, arch: Architecture, weights: AblationWeights
-) -> list[tuple[nn.Module, float]]:
-    """Each residual writer (as in `residual_writers`) with its ablation weight."""
+) -> list[tuple[nn.Module, float, int]]:
+    """Each residual writer (as in `residual_writers`) with its ablation weight and layer (-1: the embedding)."""
     layers = layer_writers(model, arch)
     if weights.n_layers != len(layers):
         raise ValueError(f"{weights.n_layers} layers of ablation weights for a model of {len(layers)} layers")
-    writers = [(model.get_submodule(arch.embedding), weights.embedding)]
-    for (attention, mlp), w_attention, w_mlp in zip(layers, weights.attention, weights.mlp, strict=True):
-        writers += [(module, w_attention) for module in attention] + [(module, w_mlp) for module in mlp]
+    writers = [(model.get_submodule(arch.embedding), weights.embedding, -1)]
+    for layer, ((attention, mlp), w_attention, w_mlp) in enumerate(
+        zip(layers, weights.attention, weights.mlp, strict=True)
+    ):
+        writers += [(module, w_attention, layer) for module in attention] + [(module, w_mlp, layer) for module in mlp]
     return writers
 
 
 @contextmanager
 def weighted_ablation(
-    model: nn.Module, arch: Architecture, direction: torch.Tensor, weights: AblationWeights
+    model: nn.Module, arch: Architecture, direction: torch.Tensor, weights: AblationWeights,
+    per_layer: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Subtract w times the unit direction's component from each residual write (no hook where w = 0)."""
-    unit = _OnDevice(direction / direction.norm())
+    """Subtract w times the unit direction's component from each residual write (no hook where w = 0).
 
-    def make_hook(weight: float) -> Any:
+    With `per_layer` ([n_layers, hidden]), layer l's writers use its row l; the embedding uses `direction`.
+    """
+
+    def make_hook(weight: float, vector: torch.Tensor) -> Any:
+        unit = _OnDevice(vector / vector.norm())
+
         def edit(hidden: torch.Tensor) -> torch.Tensor:
             r = unit.like(hidden)
             return hidden - weight * (hidden @ r).unsqueeze(-1) * r
 
         return _output_hook(edit)
 
+    def vector(layer: int) -> torch.Tensor:
+        return direction if per_layer is None or layer < 0 else per_layer[layer]
+
     handles = [
-        module.register_forward_hook(make_hook(weight))
-        for module, weight in weighted_writers(model, arch, weights)
+        module.register_forward_hook(make_hook(weight, vector(layer)))
+        for module, weight, layer in weighted_writers(model, arch, weights)
         if weight != 0.0
     ]
     with _hooked(handles):

@@ -126,8 +126,9 @@ def check_tensors(folder: Path, record: ProvenanceRecord) -> tuple[int, float, l
     if listed != set(plan.edits):
         missing, extra = sorted(set(plan.edits) - listed), sorted(listed - set(plan.edits))
         problems.append(f"edited tensors differ from provenance.json (unlisted: {missing[:3]}, absent: {extra[:3]})")
-    r, worst, partial = direction.vector.to(torch.float32), 0.0, 0
+    worst, partial = 0.0, 0
     for name, (component, layer) in sorted(plan.edits.items()):
+        r = direction.for_layer(layer).to(torch.float32)
         if direction.weights is not None and direction.weights.weight(component, layer) != 1.0:
             partial += 1  # a partial edit (weight w) keeps (1 - w) of the component: nothing to check
             continue

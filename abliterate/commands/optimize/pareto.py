@@ -68,6 +68,7 @@ class TrialRow:
     kl_by_lang: dict[str, float] = field(default_factory=dict)
     over_refusal_by_lang: dict[str, float] | None = None  # measured under --over-refusal-max
     feasible: bool = True  # within --over-refusal-max (always, without it)
+    per_layer: bool = False  # direction scope "per layer": `layer` is then the embedding's direction only
 
     def dominates(self, other: TrialRow) -> bool:
         """At least as good on both objectives and better on one."""
@@ -139,7 +140,7 @@ def _cells(row: TrialRow, reference: TrialRow | None) -> list[str]:
         str(row.number),
         f"{row.refusal:.3f}",
         f"{row.kl:.4f}",
-        f"{row.layer:.2f}",
+        f"{row.layer:.2f}" + (" (per layer)" if row.per_layer else ""),
         row.attention.label(),
         row.mlp.label(),
         f"{row.embedding:.2f}",

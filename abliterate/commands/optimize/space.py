@@ -5,6 +5,9 @@ Two kernels (docs/optimize.md, "What is searched"):
   `reach` layers away and exactly 0 beyond; the peak itself can be exactly 0 (its sampled value is clipped at
   0 from a range reaching below it), so the search can leave attention, MLP or the embedding alone. The
   embedding has its own weight, clipped the same way. Heretic's kernel has the same linear window.
+The window kernel also searches the direction's *scope* (Heretic's `direction_scope`): `global`, the direction at
+the (fractional) `layer` for every writer, or `per layer`, each layer's writers against the direction that layer
+writes into (`LayerDirections.layer_vectors`; the embedding keeps the global one).
 - `gaussian` (studies made before the window existed): w_l = peak * exp(-((l - pos) / width)^2 / 2), searched
   as falloff = n_layers / width (0: flat); the embedding takes the attention profile's weight at layer 0.
 
@@ -31,6 +34,7 @@ PEAK_MIN = -0.3  # window kernel: sampled peaks below 0 mean "off" (weight exact
 EMBED_MIN = -0.5  # the embedding's weight likewise: 1/4 of its prior is "leave the embedding alone"
 FALLOFF_MAX = 12.0
 COMPONENTS = ("attn", "mlp")
+SCOPES = ("global", "per layer")  # window kernel: one direction for every layer, or each layer its own
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class TrialParams:
     attention: WeightKernel
     mlp: WeightKernel
     embed: float | None = None  # the window kernel's sampled embedding weight (None: Gaussian's rule)
+    per_layer: bool = False  # direction scope: each layer's writers against that layer's own direction
 
     @classmethod
     def suggest(cls, trial: optuna.Trial, space: SearchSpace) -> TrialParams:
@@ -123,7 +128,8 @@ class TrialParams:
                 for key, low, high in (("peak", 0.0, PEAK_MAX), ("pos", 0.0, space.n_layers - 1.0),
                                        ("falloff", 0.0, FALLOFF_MAX))}})
         top = float(space.n_layers)
-        params: dict[str, float] = {"layer": layer}
+        params: dict[str, Any] = {"layer": layer,
+                                  "direction_scope": trial.suggest_categorical("direction_scope", SCOPES)}
         for c in COMPONENTS:
             for key, low, high in (("peak", PEAK_MIN, PEAK_MAX), ("pos", 0.0, top - 1.0), ("floor", 0.0, 1.0),
                                    ("reach", 1.0, top)):
@@ -143,17 +149,18 @@ class TrialParams:
         def window(name: str) -> WindowKernel:
             return WindowKernel(*(float(params[f"{name}_{key}"]) for key in ("peak", "pos", "floor", "reach")))
 
-        return cls(float(params["layer"]), window("attn"), window("mlp"), float(params["embed"]))
+        return cls(float(params["layer"]), window("attn"), window("mlp"), float(params["embed"]),
+                   params.get("direction_scope") == "per layer")
 
     @classmethod
-    def reference(cls, layer: int, space: SearchSpace) -> dict[str, float]:
+    def reference(cls, layer: int, space: SearchSpace) -> dict[str, Any]:
         """The paper's default edit as trial parameters: `layer`'s direction, weight 1 everywhere."""
         if space.kernel == "gaussian":
             flat = {"peak": 1.0, "pos": 0.0, "falloff": 0.0}
             return {"layer": float(layer), **{f"{c}_{k}": v for c in COMPONENTS for k, v in flat.items()}}
         window = {"peak": 1.0, "pos": 0.0, "floor": 1.0, "reach": float(space.n_layers)}
-        return {"layer": float(layer), **{f"{c}_{k}": v for c in COMPONENTS for k, v in window.items()},
-                "embed": 1.0}
+        return {"layer": float(layer), "direction_scope": "global",
+                **{f"{c}_{k}": v for c in COMPONENTS for k, v in window.items()}, "embed": 1.0}
 
     def embedding_weight(self, n_layers: int) -> float:
         if self.embed is None:  # Gaussian: the embedding writes before layer 0's attention

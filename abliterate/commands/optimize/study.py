@@ -154,6 +154,18 @@ class LayerDirections:
             vector = (1.0 - t) * a + t * b
         return vector / vector.norm()
 
+    def layer_vectors(self) -> torch.Tensor:
+        """[n_layers, hidden] unit rows: row l for layer l's writers, the candidate at the input of layer l + 1
+        (the stream they write into; the last layer: its own input's); a zero candidate: the default layer's."""
+        n = int(self.vectors.shape[0])
+        rows = self.vectors[[min(layer + 1, n - 1) for layer in range(n)]].clone()
+        zero = rows.norm(dim=-1) == 0
+        rows[zero] = self.vectors[self.default_layer]
+        return rows / rows.norm(dim=-1, keepdim=True)
+
+    def per_layer(self, params: TrialParams) -> torch.Tensor | None:
+        return self.layer_vectors() if params.per_layer else None
+
     def direction(self, params: TrialParams, trial: int) -> Direction:
         """Trial `trial`'s direction with its per-layer weights, ready for `write_checkpoint`."""
         n_layers = int(self.vectors.shape[0])
@@ -166,6 +178,7 @@ class LayerDirections:
             method=self.method,
             extra={"optimize_trial": str(trial), "layer_float": f"{params.layer:.6f}"},
             weights=params.weights(n_layers),
+            per_layer=self.per_layer(params),
         )
 
     def save(self, path: Path) -> None:
@@ -260,21 +273,23 @@ class TrialEditing:
     norm_preserving: bool
     over_refusal: bool
 
-    def applied(self, loaded: LoadedModel, direction: torch.Tensor, weights: AblationWeights) -> Any:
+    def applied(self, loaded: LoadedModel, direction: torch.Tensor, weights: AblationWeights,
+                per_layer: torch.Tensor | None) -> Any:
         """A context manager: hooks on the residual writes, or the checkpoint's weight edit done in memory."""
         if self.mode == "weights":
-            return edited_weights(loaded.model, loaded.arch, direction, weights, norm_preserving=self.norm_preserving)
-        return weighted_ablation(loaded.model, loaded.arch, direction, weights)
+            return edited_weights(loaded.model, loaded.arch, direction, weights, norm_preserving=self.norm_preserving,
+                                  per_layer=per_layer)
+        return weighted_ablation(loaded.model, loaded.arch, direction, weights, per_layer)
 
 
 def measure(
     loaded: LoadedModel, trial_set: TrialSet, judge: Judge, direction: torch.Tensor, weights: AblationWeights,
-    max_new_tokens: int, batch_size: int, editing: TrialEditing,
+    max_new_tokens: int, batch_size: int, editing: TrialEditing, per_layer: torch.Tensor | None = None,
 ) -> TrialScores:
     """Refusal rate and first-token KL per language (and over-refusal if asked) with the edit applied (undone after)."""
     model, tokenizer = loaded.model, loaded.tokenizer
     harmless_texts: list[str] = []
-    with editing.applied(loaded, direction, weights):
+    with editing.applied(loaded, direction, weights, per_layer):
         texts = generate(model, tokenizer, trial_set.harmful, max_new_tokens, batch_size).texts
         logits = collect_logits(model, trial_set.harmless)
         if editing.over_refusal:
@@ -445,7 +460,7 @@ class Searcher:
             params = TrialParams.suggest(trial, self.space)
             scores = measure(self.loaded, self.trial_set, self.judge, self.directions.at(params.layer),
                              params.weights(self.space.n_layers), self.options.trial_max_new_tokens, self.batch_size,
-                             self.editing)
+                             self.editing, self.directions.per_layer(params))
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
@@ -521,6 +536,7 @@ def trial_row(trial: optuna.trial.FrozenTrial, n_layers: int) -> TrialRow:
         params.mlp.profile(n_layers), params.weights(n_layers).embedding, bool(trial.user_attrs.get("reference")),
         dict(trial.user_attrs.get("refusal_by_lang", {})), dict(trial.user_attrs.get("kl_by_lang", {})),
         dict(over) if over is not None else None, float(trial.user_attrs.get("over_refusal_excess", 0.0)) <= 0.0,
+        params.per_layer,
     )
 
 

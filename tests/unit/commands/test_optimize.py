@@ -29,6 +29,7 @@ from abliterate.commands.optimize.study import (
 from abliterate.direction.vector import Direction
 from abliterate.edit.formats import OutputOptions
 from abliterate.edit.in_memory import edited_weights
+from abliterate.errors import UsageError
 from abliterate.model.ablation import AblationWeights
 from abliterate.model.archs import lookup
 from abliterate.model.checkpoint import Checkpoint
@@ -109,6 +110,57 @@ def test_weights_edited_in_memory_equal_the_written_checkpoint(
         expected = written(_ids()).logits
     assert float((in_memory - expected).abs().max()) < 1e-4
     assert float((expected - before).abs().max()) > 1e-3
+
+
+def _per_layer(seed: int) -> torch.Tensor:
+    rows = torch.randn(LAYERS, HIDDEN, generator=torch.Generator().manual_seed(seed))
+    return rows / rows.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "standard"), ("qwen2_moe", "norm-preserving"),
+                                                ("gemma2", "standard")])
+def test_per_layer_directions_in_trials_equal_the_written_checkpoint(tmp_path: Path, family: str, method: str) -> None:
+    """Direction scope "per layer": layer l's writers use row l. The written checkpoint (and its direction file,
+    read back by `verify`) agrees with the in-memory edit and, without post-norms or rescaling, with the hooks."""
+    model = build(family, tmp_path / "source", tied=True if family == "llama" else None)
+    r, rows, weights = _unit(1), _per_layer(7), _weights(3)
+    direction = Direction(r, weights=weights, method=method, per_layer=rows)
+    write_edited(tmp_path / "out", tmp_path / "source", direction, OutputOptions(max_shard_size=40_000))
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    loaded = Direction.load(tmp_path / "out")
+    assert loaded.per_layer is not None and torch.allclose(loaded.per_layer, rows)
+    arch = lookup(family)
+    with torch.no_grad():
+        expected = written(_ids()).logits
+        with edited_weights(model, arch, r, weights, norm_preserving=method == "norm-preserving", per_layer=rows):
+            in_memory = model(_ids()).logits
+        with weighted_ablation(model, arch, r, weights, rows):
+            hooked = model(_ids()).logits
+        with weighted_ablation(model, arch, r, weights):  # one direction everywhere: a different edit
+            global_only = model(_ids()).logits
+    assert float((in_memory - expected).abs().max()) < 1e-4
+    assert float((global_only - expected).abs().max()) > 1e-3
+    if family == "llama" and method == "standard":
+        assert float((hooked - expected).abs().max()) < 1e-4
+    full = Direction(r, method=method, per_layer=rows)  # weight 1 everywhere: verify checks every tensor per layer
+    write_edited(tmp_path / "full", tmp_path / "source", full, OutputOptions(max_shard_size=40_000))
+    run("verify", tmp_path / "full", check=True)
+
+
+def test_per_layer_directions_are_refused_for_gguf_and_adapters(tmp_path: Path) -> None:
+    build("llama", tmp_path / "source")
+    direction = Direction(_unit(1), per_layer=_per_layer(7))
+    with pytest.raises(UsageError, match="per-layer"):
+        write_edited(tmp_path / "out", tmp_path / "source", direction, OutputOptions(format="adapter"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_layer_vectors_are_the_candidates_each_layer_writes_into() -> None:
+    vectors = torch.stack([torch.zeros(HIDDEN), 3 * _unit(1), 0.5 * _unit(2), torch.zeros(HIDDEN)])
+    dirs = LayerDirections(vectors, -1, 2, "en", "projected", "m")
+    rows = dirs.layer_vectors()
+    assert torch.allclose(rows[0], _unit(1)) and torch.allclose(rows[1], _unit(2))
+    assert torch.allclose(rows[2], _unit(2)) and torch.allclose(rows[3], _unit(2))  # zero: the default layer's
 
 
 def test_weight_one_everywhere_is_exactly_the_plain_edit(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, build
 from transformers import GenerationConfig
 
-from abliterate.evaluation.generate import _generate_rows, greedy_rows
+from abliterate.evaluation.generate import _generate_rows, continuous_rows, greedy_rows
 
 PROMPT_LENGTHS = [5, 9, 12, 7, 10, 3]
 NEW_TOKENS = 16
@@ -68,3 +68,33 @@ def test_rows_leave_the_batch_and_tokens_match_generate(family: str, tmp_path: P
     assert [_until_stop(row, set(stops)) for row in ours] == expected
     assert len({len(row) for row in ours}) > 1, "some rows must have ended before others"
     assert all(len(row) == NEW_TOKENS or row[-1] in stops for row in ours)
+
+
+MERGE_CANNOT = CACHE_KEEPS_ROWS | {"mistral", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "mistral3", "olmo3",
+                                   "gpt_oss", "llama4", "qwen3_5", "qwen3_5_moe"}  # sliding-window or hybrid caches
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_continuous_batching_gives_each_prompt_its_own_generate_tokens(family: str, tmp_path: Path) -> None:
+    """Slots of finished answers are refilled from the queue (4 slots, 9 prompts, answers ending at different
+    steps); every answer equals `model.generate` on its prompt alone, unpadded."""
+    model = build(family, tmp_path / family, tied=False).eval()
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(8, vocab, (length,), generator=generator).tolist() for length in [3, 4, 4, 6, 7, 9, 9,
+                                                                                               11, 12]]
+    with torch.inference_mode():
+        alone = [model.generate(input_ids=torch.tensor([p]), generation_config=GenerationConfig(
+            max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=[-1], pad_token_id=0))[0, len(p):].tolist()
+            for p in prompts]
+        stops = sorted({alone[0][2], alone[3][6], alone[5][10]})  # answers end early, late, and at the cap
+        rows = continuous_rows(model, prompts, NEW_TOKENS, stops, 4, 0)
+        if rows is None:
+            assert family in MERGE_CANNOT, family
+            return
+        assert family not in MERGE_CANNOT, family
+        answers = dict(rows)
+    assert sorted(answers) == list(range(len(prompts)))
+    expected = [_until_stop(row, set(stops)) for row in alone]
+    assert [answers[i] for i in range(len(prompts))] == expected
+    assert len({len(row) for row in expected}) > 2, "answers must end at different steps"
