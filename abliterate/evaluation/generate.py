@@ -172,7 +172,7 @@ class _Slots:
 
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in `rows` (and its KV cache)."""
-        index = torch.tensor(rows, device=self.mask.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.cache.batch_select_indices(index)
         self.prompt = [self.prompt[i] for i in rows]
         self.made = [self.made[i] for i in rows]

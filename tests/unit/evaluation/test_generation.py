@@ -94,7 +94,10 @@ def test_continuous_batching_gives_each_prompt_its_own_generate_tokens(family: s
             return
         assert family not in MERGE_CANNOT, family
         answers = dict(rows)
+        every_first = sorted({row[0] for row in alone[:4]})  # the whole first batch ends on its first token
+        all_at_once = dict(continuous_rows(model, prompts, NEW_TOKENS, every_first, 4, 0) or [])
     assert sorted(answers) == list(range(len(prompts)))
     expected = [_until_stop(row, set(stops)) for row in alone]
     assert [answers[i] for i in range(len(prompts))] == expected
     assert len({len(row) for row in expected}) > 2, "answers must end at different steps"
+    assert [all_at_once[i] for i in range(len(prompts))] == [_until_stop(row, set(every_first)) for row in alone]
