@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEARCH = "tests/unit/direction/test_direction_search.py tests/unit/direction/test_forward_passes.py"
 EDIT = "tests/unit/edit/test_orthogonalize.py tests/unit/cli/test_cli.py tests/unit/publish/test_publish.py"
 RELIABILITY = "tests/e2e/test_reliability.py"
+OPTIMIZE = "tests/unit/commands/test_optimize.py"
+GENERATION = "tests/unit/evaluation/test_generation.py"
 # Without the test that pins the window's constants, so that the table shows which behaviour test catches a change.
 JUDGE = (
     "tests/unit/evaluation/test_judge.py"
@@ -199,6 +201,41 @@ MUTATIONS = [
         "    except BaseException:\n        shutil.rmtree(tmp, ignore_errors=True)\n        raise\n",
         "    except BaseException:\n        raise\n",
         (RELIABILITY,),
+    ),
+    Mutation(
+        "optimize's in-memory trial edit skips the norm-preserving rescale",
+        "abliterate/edit/in_memory.py",
+        "rescale = norm_preserving and not writer.bias",
+        "rescale = False",
+        (OPTIMIZE,),
+    ),
+    Mutation(
+        "optimize's in-memory trial edit misses fused expert stacks",
+        "abliterate/edit/in_memory.py",
+        "elif (fused := _fused_experts(name, param, hidden)) is not None:",
+        "elif False and (fused := _fused_experts(name, param, hidden)) is not None:",
+        (OPTIMIZE,),
+    ),
+    Mutation(
+        "a per-layer direction is written with the global vector everywhere",
+        "abliterate/edit/stream.py",
+        "r = direction.for_layer(plan.edits[spec.name][1]).to(torch.float32)",
+        "r = direction.vector.to(torch.float32)",
+        (OPTIMIZE,),
+    ),
+    Mutation(
+        "winsorization clamps at the floor instead of the ceiling rank",
+        "abliterate/model/hooks.py",
+        "k = max(1, math.ceil(quantile * vectors.shape[-1]))",
+        "k = max(1, int(quantile * vectors.shape[-1]))",
+        (SEARCH,),
+    ),
+    Mutation(
+        "continuous batching joins new rows before stepping the running ones",
+        "abliterate/evaluation/generate.py",
+        "        if alive:\n            slots.logits = _step(model, slots, tokens)\n",
+        "",
+        (GENERATION,),
     ),
 ]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,8 @@ def heretic_setup(args: argparse.Namespace, organism: Path, work: Path, batch_si
 
 def stage_optimize(args: argparse.Namespace, organism: Path, work: Path) -> dict[str, Any]:
     study = work / "optimize-study"
+    if study.exists():  # a redo starts a new study (an old one would only be resumed)
+        shutil.rmtree(study)
     cmd = [str(abliterate_cli()), "optimize", str(organism), "--lang", "en", "--langs", "en",
            "--trials", str(args.trials), "--study", str(study), "--seed", str(args.seed),
            "--trial-prompts", str(args.trial_prompts), "--kl-prompts", str(args.trial_prompts),
@@ -110,10 +113,11 @@ def stage_optimize(args: argparse.Namespace, organism: Path, work: Path) -> dict
     written = {}
     for row in front:
         out = work / "models" / f"ours-trial-{row['number']}"
-        if not out.exists():
-            run_timed([str(abliterate_cli()), "optimize", str(organism), "--study", str(study), "--pick",
-                       str(row["number"]), "--out", str(out), "--lang", "en", "--langs", "en"],
-                      work / f"pick-{row['number']}.log")
+        if out.exists():
+            shutil.rmtree(out)
+        run_timed([str(abliterate_cli()), "optimize", str(organism), "--study", str(study), "--pick",
+                   str(row["number"]), "--out", str(out), "--lang", "en", "--langs", "en"],
+                  work / f"pick-{row['number']}.log")
         written[row["number"]] = str(out)
     return {**timing, "command": " ".join(cmd[1:]), "front": front, "exported": written,
             "trial_seconds": trial_seconds(study)}
