@@ -53,6 +53,7 @@ DIRECTION_OPTIONS = [
     "layer",
     "pos",
     "method",
+    "winsorize",
     "kl_threshold",
     "prune_layers",
     "screen_prompts",
@@ -463,8 +464,8 @@ def report_command(before: Path, after: Path, out: Path) -> None:
     _echo_report(report, out)
 
 
-CROSSLINGUAL_OPTIONS = ["prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold", "prune_layers",
-                        "screen_prompts", "finalists", "filter_prompts"]
+CROSSLINGUAL_OPTIONS = ["prompts", "n_train", "n_val", "layer", "pos", "method", "winsorize", "kl_threshold",
+                        "prune_layers", "screen_prompts", "finalists", "filter_prompts"]
 
 
 @cli.command("crosslingual")
@@ -505,9 +506,9 @@ def crosslingual_command(model: str | None, recipe: Path | None, **given: Any) -
     click.echo(f"results -> {result.out}")
 
 
-OPTIMIZE_OPTIONS = ["langs", "judge", "lang", "prompts", "n_train", "n_val", "layer", "pos", "method", "kl_threshold",
-                    "prune_layers", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens", "max_shard_size",
-                    *FORMAT_OPTIONS]
+OPTIMIZE_OPTIONS = ["langs", "judge", "lang", "prompts", "n_train", "n_val", "layer", "pos", "method", "winsorize",
+                    "kl_threshold", "prune_layers", "screen_prompts", "finalists", "filter_prompts", "refusal_tokens",
+                    "max_shard_size", *FORMAT_OPTIONS]
 
 
 @cli.command("optimize")
