@@ -38,6 +38,7 @@ from abliterate.settings import (
 if TYPE_CHECKING:
     from abliterate.evaluation.report_record import ReportRecord
     from abliterate.evaluation.results import ResultsRecord
+    from abliterate.planning.plan import Command
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("abliterate")
@@ -62,7 +63,9 @@ DIRECTION_OPTIONS = [
     "refusal_tokens",
 ]
 # Options of the written output (`edit`, `apply`, `optimize --pick`).
-FORMAT_OPTIONS = ["format", "gguf_edited_type", "gguf_reproject", "adapter_embedding"]
+FORMAT_OPTIONS = ["format", "gguf_edited_type", "gguf_reproject", "adapter_embedding", "output_hash"]
+# The cost before the run (`edit`, `eval`, `optimize`, `apply`): --plan, and the pre-flight check.
+PLAN_OPTIONS = ["plan", "preflight"]
 # Options of the evaluation (`eval`, and `edit` unless --no-eval).
 EVAL_OPTIONS = ["langs", "judge", "harm_judge", "tasks", "limit", "max_new_tokens", "engine"]
 
@@ -136,6 +139,21 @@ def _command_settings(recipe: Path | None, section: type[SectionT], **given: Any
     return settings, values
 
 
+def _planned(settings: Settings, command: Command, **request: Any) -> bool:
+    """--plan: print what the run will do and need and return True (nothing runs); else the pre-flight check
+    (refuses a run that memory or disk will not hold; --no-preflight skips it) and False."""
+    from abliterate.planning.plan import Request, plan_run, preflight
+
+    run = Request(command, settings, **request)
+    if settings.plan:
+        for line in plan_run(run).lines():
+            click.echo(line)
+        return True
+    if settings.preflight:
+        preflight(run)
+    return False
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -178,7 +196,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @settings_options("overwrite", "eval")
 @click.option("--push-to", metavar="ORG/NAME", default=None, help="Upload the result to this hub repo (private).")
 @click.option("--public", is_flag=True, help="With --push-to: make a new hub repo public instead of private.")
-@settings_options("max_shard_size", *FORMAT_OPTIONS, *DIRECTION_OPTIONS, *EVAL_OPTIONS, "eval_prompts", *MODEL_OPTIONS)
+@settings_options("max_shard_size", *FORMAT_OPTIONS, *DIRECTION_OPTIONS, *EVAL_OPTIONS, "eval_prompts", *MODEL_OPTIONS,
+                  *PLAN_OPTIONS)
 def edit(model: str | None, recipe: Path | None, push_to: str | None, public: bool, **given: Any) -> None:
     """Compute the refusal direction of MODEL and write an orthogonalized checkpoint to --out.
 
@@ -188,6 +207,8 @@ def edit(model: str | None, recipe: Path | None, push_to: str | None, public: bo
 
     settings = _settings(recipe, model=model, **given)
     _check_push_options(push_to, public)
+    if _planned(settings, "edit", out=settings.out):
+        return
     result = run_edit(settings)
     chosen = result.direction.direction
     click.echo(f"direction: layer {chosen.layer}, position {chosen.pos} ({settings.lang}, {settings.method})")
@@ -227,7 +248,7 @@ def directions(model: str | None, recipe: Path | None, **given: Any) -> None:
 )
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@settings_options("max_shard_size", *FORMAT_OPTIONS, "revision", "allow_pickle", "arch")
+@settings_options("max_shard_size", *FORMAT_OPTIONS, "revision", "allow_pickle", "arch", *PLAN_OPTIONS)
 def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given: Any) -> None:
     """Orthogonalize MODEL's weights against a saved direction (streaming; no GPU, no forward pass)."""
     from abliterate.direction.vector import Direction
@@ -237,6 +258,8 @@ def apply(model: str, direction_file: Path, out: Path, overwrite: bool, **given:
 
     settings = _settings(None, model=model, out=out, overwrite=overwrite, **given)
     check_format(settings)
+    if _planned(settings, "apply", out=out):
+        return
     direction = Direction.load(direction_file)
     source = resolve(model, revision=settings.revision, allow_pickle=settings.allow_pickle)
     written = write_edited(out, source, direction, OutputOptions.from_settings(settings), overwrite=overwrite,
@@ -435,7 +458,7 @@ def _echo_report(report: ReportRecord, folder: Path) -> None:
               help="Answer tokens the mean KL is taken over (with --base).")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Reuse greedy answers cached by an earlier run of the same model, prompts and settings.")
-@settings_options(*EVAL_OPTIONS, "prompts", *MODEL_OPTIONS)
+@settings_options(*EVAL_OPTIONS, "prompts", *MODEL_OPTIONS, *PLAN_OPTIONS)
 def eval_command(
     model: str | None, recipe: Path | None, out: Path, base: str | None, kl_tokens: int, cache: bool, **given: Any
 ) -> None:
@@ -446,6 +469,8 @@ def eval_command(
     from abliterate.evaluation.evaluate import run_eval
 
     settings = _settings(recipe, model=model, out=out, **given)
+    if _planned(settings, "eval", base=base):
+        return
     results = run_eval(settings, base, kl_tokens=kl_tokens, cache=cache)
     _echo_results(results)
     click.echo(f"results -> {out}")
@@ -516,7 +541,7 @@ OPTIMIZE_OPTIONS = ["langs", "judge", "lang", "prompts", "n_train", "n_val", "la
 @recipe_option
 @section_options(OptimizeSettings)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder for --pick's checkpoint.")
-@settings_options("overwrite", *OPTIMIZE_OPTIONS, *MODEL_OPTIONS)
+@settings_options("overwrite", *OPTIMIZE_OPTIONS, *MODEL_OPTIONS, *PLAN_OPTIONS)
 def optimize_command(model: str | None, recipe: Path | None, **given: Any) -> None:
     """Search per-layer ablation weights and the direction's layer for MODEL (Optuna, two objectives).
 
@@ -525,9 +550,13 @@ def optimize_command(model: str | None, recipe: Path | None, **given: Any) -> No
     --out DIR writes trial N's checkpoint. See docs/optimize.md.
     """
     from abliterate.commands.optimize.pareto import table_lines, verdict_line
-    from abliterate.commands.optimize.study import OptimizeOptions, run_optimize
+    from abliterate.commands.optimize.study import DEFAULT_TRIALS, OptimizeOptions, run_optimize
 
     settings, section = _command_settings(recipe, OptimizeSettings, model=model, **given)
+    trials = section.trials if section.trials is not None else 0 if section.pick is not None else DEFAULT_TRIALS
+    if _planned(settings, "optimize", section=section, trials=trials,
+                out=settings.out if section.pick is not None else None):
+        return
     result = run_optimize(settings, OptimizeOptions.from_section(settings, section))
     report = result.report
     click.echo(f"study {result.study}: {len(report.rows)} finished trials ({result.new_trials} run now)")

@@ -36,6 +36,10 @@ class OutputError(AbliterateError):
     """The output location can't be written safely."""
 
 
+class ResourceError(AbliterateError):
+    """The machine lacks the memory or disk space a run needs (the pre-flight check, before anything runs)."""
+
+
 class PublishError(AbliterateError):
     """Uploading to the Hugging Face hub failed: no token, no permission, or the hub kept failing."""
 

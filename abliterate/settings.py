@@ -122,6 +122,12 @@ class Settings(BaseModel):
         description="--format gguf: rounds of re-projecting the quantization error of each edited tensor "
         "(W <- W - r r^T Q(W), quantized again), for low-bit --gguf-edited-type.",
     )
+    output_hash: Literal["xxh3_128", "sha256"] = Field(
+        "xxh3_128",
+        description="Hash of every output file in abliterate/provenance.json: xxh3_128 (fast; catches any "
+        "accidental change) or sha256 (slower; also proof against deliberate tampering). `verify` checks with "
+        "the recorded one; the source's files are always sha256.",
+    )
     out: Path | None = Field(None, description="Output folder (or file, for `directions`).")
     overwrite: bool = Field(False, description="Replace an existing --out.")
     eval: bool = Field(True, description="Evaluate the base and edited model after the edit.")
@@ -149,6 +155,14 @@ class Settings(BaseModel):
     )
     eval_prompts: int | None = Field(
         None, ge=1, description="Harmful and harmless test prompts per language in the evaluation (default: all)."
+    )
+    plan: bool = Field(
+        False, description="Print what the run will do and need (forward passes, answers, peak memory, disk, a time "
+        "estimated from a short calibration on this machine) and exit without running it (docs/usage.md).",
+    )
+    preflight: bool = Field(
+        True, description="Before the run, check that memory and disk will do (estimated as --plan does) and stop "
+        "with the fix if not; --no-preflight runs anyway (when the estimate is wrong).",
     )
 
     @field_validator("lang")

@@ -33,6 +33,7 @@ EDIT = "tests/unit/edit/test_orthogonalize.py tests/unit/cli/test_cli.py tests/u
 RELIABILITY = "tests/e2e/test_reliability.py"
 OPTIMIZE = "tests/unit/commands/test_optimize.py"
 GENERATION = "tests/unit/evaluation/test_generation.py"
+PLANNING = "tests/unit/planning/test_plan.py"
 # Without the test that pins the window's constants, so that the table shows which behaviour test catches a change.
 JUDGE = (
     "tests/unit/evaluation/test_judge.py"
@@ -156,9 +157,30 @@ MUTATIONS = [
     Mutation(
         "the projection edits its input tensor in place",
         "abliterate/edit/projection.py",
-        "        block = source[rows].to(torch.float32, copy=True)\n        block.addr_(r[rows], coefficients",
-        "        block = source[rows].to(torch.float32)\n        block.addr_(r[rows], coefficients",
+        "        block = source[rows].to(torch.float32, copy=keep)",
+        "        block = source[rows].to(torch.float32)",
         ("tests/unit/edit/test_orthogonalize.py::test_projection_math", EDIT),  # in memory first: a mapped file crashes
+    ),
+    Mutation(
+        "the hash cache trusts an entry whose file changed",
+        "abliterate/storage/hashing.py",
+        'entry is not None and entry["stamp"] == _stamp(Path(key))',
+        "entry is not None",
+        ("tests/unit/storage/test_hashing.py",),
+    ),
+    Mutation(
+        "a shard's streamed digest misses its header",
+        "abliterate/storage/shards.py",
+        "        if digest is not None:\n            digest.update(header)\n",
+        "",
+        ("tests/unit/storage/test_hashing.py tests/unit/publish/test_provenance_hashes.py",),
+    ),
+    Mutation(
+        "verify ignores xxh3_128 hashes",
+        "abliterate/publish/provenance_record.py",
+        '(("sha256", self.sha256), ("xxh3_128", self.xxh3_128))',
+        '(("sha256", self.sha256),)',
+        ("tests/unit/publish/test_provenance_hashes.py",),
     ),
     Mutation(
         "verify's tolerance 100x too loose",
@@ -236,6 +258,48 @@ MUTATIONS = [
         "        if alive:\n            slots.logits = _step(model, slots, tokens)\n",
         "",
         (GENERATION,),
+    ),
+    Mutation(
+        "the planned finalist passes forget the activation-addition pass",
+        "abliterate/direction/passes.py",
+        "calls = batches(harmless, bs) + scored * (batches(harmful, bs) + 2 * batches(harmless, bs))",
+        "calls = batches(harmless, bs) + scored * (batches(harmful, bs) + batches(harmless, bs))",
+        (PLANNING,),
+    ),
+    Mutation(
+        "the disk estimate forgets the untied lm_head a tied model gains",
+        "abliterate/planning/needs.py",
+        "weights = output_bytes(subject.checkpoint, subject.config, settings.max_shard_bytes)",
+        "weights = subject.checkpoint.total_bytes()",
+        (PLANNING,),
+    ),
+    Mutation(
+        "weights are counted in the stored dtype, not the run's",
+        "abliterate/planning/memory.py",
+        "            total += numel * size\n",
+        "            total += info.nbytes\n",
+        (PLANNING,),
+    ),
+    Mutation(
+        "the pre-flight check ignores CPU memory",
+        "abliterate/planning/needs.py",
+        "return memory.cpu_peak <= memory.cpu_available and gpu_ok",
+        "return gpu_ok",
+        (PLANNING,),
+    ),
+    Mutation(
+        "the pre-flight check never finds the disk short",
+        "abliterate/planning/needs.py",
+        "if place.bytes > place.free:",
+        "if place.bytes > place.free * 1000:",
+        (PLANNING,),
+    ),
+    Mutation(
+        "--plan goes on to run",
+        "abliterate/cli.py",
+        "            click.echo(line)\n        return True\n",
+        "            click.echo(line)\n        return False\n",
+        (PLANNING,),
     ),
 ]
 

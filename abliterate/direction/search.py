@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from abliterate import __version__, progress
 from abliterate.direction.candidates import Candidates, make_candidates, mean_activations
+from abliterate.direction.passes import SearchShape, SplitSizes, expected_passes, grid, screen_per_pass
 from abliterate.direction.records import CANDIDATES_FILE, CandidateRow, CandidatesRecord
 from abliterate.direction.run_record import PromptsRecord, RunRecord
 from abliterate.direction.selection import (
@@ -24,12 +25,10 @@ from abliterate.direction.selection import (
     ValidationSet,
     choose,
     collect_logits,
-    eligible_layers,
     finalists,
     refusal_score,
     score_candidate,
     screen_group,
-    screen_groups,
 )
 from abliterate.direction.vector import Direction
 from abliterate.errors import UsageError
@@ -243,9 +242,8 @@ def compute_candidates(loaded: LoadedModel, splits: PromptSplits, n_pos: int, se
 
 
 def candidate_grid(loaded: LoadedModel, candidates: Candidates, settings: Settings) -> list[CandidateScore]:
-    """Every eligible (pos, layer); --layer/--pos restrict the grid."""
-    layers = [settings.layer] if settings.layer is not None else eligible_layers(loaded.n_layers, settings.prune_layers)
-    positions = [settings.pos] if settings.pos is not None else candidates.positions()
+    """Every eligible (pos, layer); --layer/--pos restrict the grid (`direction.passes.grid`)."""
+    layers, positions = grid(settings, loaded.n_layers, candidates.n_pos)
     return [CandidateScore(p, layer) for layer in layers for p in positions]
 
 
@@ -253,6 +251,31 @@ def longest_prompt(tokenizer: PreTrainedTokenizerBase, splits: PromptSplits) -> 
     """Tokens in the longest rendered prompt of the splits."""
     texts = [text for group in vars(splits).values() for text in group]
     return max(len(ids) for ids in encode(tokenizer, [render(tokenizer, text) for text in texts]))
+
+
+def screening_tokens(tokenizer: PreTrainedTokenizerBase, splits: PromptSplits, n: int) -> int:
+    """Rows times padded length of the screening batch (`screening_set`) of these splits."""
+    texts = splits.harmful_val[:n] + splits.harmless_val[:n]
+    lengths = [len(ids) for ids in encode(tokenizer, [render(tokenizer, text) for text in texts])]
+    return len(lengths) * max(lengths, default=0)
+
+
+def sizes(splits: PromptSplits) -> SplitSizes:
+    """Prompts per split."""
+    return SplitSizes(**{name: len(texts) for name, texts in vars(splits).items()})
+
+
+def search_shape(
+    settings: Settings, tokenizer: PreTrainedTokenizerBase, n_layers: int, before: PromptSplits, after: PromptSplits
+) -> SearchShape:
+    """The sizes that fix the search's forward passes (`direction.passes`), from the tokenizer and prompts alone."""
+    bs = fixed_batch_size(settings.batch_size)
+    layers, positions = grid(settings, n_layers, post_instruction_length(tokenizer))
+    n_grid = len(layers) * len(positions)
+    per_pass = screen_per_pass(bs, longest_prompt(tokenizer, after),
+                               screening_tokens(tokenizer, after, settings.screen_prompts), n_grid)
+    return SearchShape(sizes(before), sizes(after), bs, settings.filter_prompts, n_grid, per_pass,
+                       settings.screen_prompts, settings.finalists)
 
 
 def screening_set(loaded: LoadedModel, splits: PromptSplits, n: int) -> ScreeningSet:
@@ -281,8 +304,8 @@ def screen_candidates(
     if len(grid) <= settings.finalists:
         return grid
     screen = screening_set(loaded, splits, settings.screen_prompts)
-    budget = fixed_batch_size(settings.batch_size) * longest_prompt(loaded.tokenizer, splits)
-    size = screen_groups(budget, screen.tokens, len(grid)) if grouped else 1
+    longest = longest_prompt(loaded.tokenizer, splits)
+    size = screen_per_pass(fixed_batch_size(settings.batch_size), longest, screen.tokens, len(grid)) if grouped else 1
     chunks = [grid[i : i + size] for i in range(0, len(grid), size)]
     log.info("screening %d candidates, %d per forward pass (%d passes)", len(grid), size, len(chunks))
     for chunk in progress.track(chunks, "screening candidates", len(chunks), "pass"):
@@ -306,7 +329,8 @@ def score_finalists(
         score_candidate(loaded.model, loaded.arch, candidates, score, val, ids)
 
 
-def log_forward_passes(counts: dict[str, ForwardCount]) -> None:
+def check_forward_passes(counts: dict[str, ForwardCount], shape: SearchShape) -> None:
+    """Log the counts, and warn when they differ from what `direction.passes` derives from the sizes (`--plan`)."""
     report = forward_pass_report(counts)
     calls, rows = report["forward_passes"], report["forward_rows"]
     log.info(
@@ -315,6 +339,9 @@ def log_forward_passes(counts: dict[str, ForwardCount]) -> None:
         calls["total"],
         rows["total"],
     )
+    expected = forward_pass_report(expected_passes(shape))
+    if expected != report:
+        log.warning("forward passes differ from the plan's count: counted %s, planned %s", report, expected)
 
 
 def find_direction(settings: Settings, loaded: LoadedModel, *, grouped_screening: bool = True) -> DirectionResult:
@@ -325,7 +352,7 @@ def find_direction(settings: Settings, loaded: LoadedModel, *, grouped_screening
     settings = resolve_batch_size(settings, loaded)
     n_pos = post_instruction_length(loaded.tokenizer)
     check_layer_choice(settings, loaded.n_layers, n_pos)
-    splits = load_prompts(settings)
+    splits = before = load_prompts(settings)
     ids = refusal_ids(settings, loaded.tokenizer)
     log.info("refusal tokens: %s", loaded.tokenizer.convert_ids_to_tokens(ids))
     passes: dict[str, ForwardCount] = {}
@@ -340,7 +367,8 @@ def find_direction(settings: Settings, loaded: LoadedModel, *, grouped_screening
         chosen = screen_candidates(loaded, candidates, scores, splits, ids, settings, grouped=grouped_screening)
     with count_forwards(loaded.model) as passes["finalists"]:
         score_finalists(loaded, candidates, chosen, splits, ids, settings)
-    log_forward_passes(passes)
+    shape = search_shape(settings, loaded.tokenizer, loaded.n_layers, before, splits)
+    check_forward_passes(passes, shape if grouped_screening else replace(shape, screen_per_pass=1))
     best = choose(scores, settings.kl_threshold)
     direction = Direction(
         candidates.vector(best.pos, best.layer),

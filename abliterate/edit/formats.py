@@ -20,7 +20,7 @@ from abliterate.edit.stream import EditPlan, write_checkpoint
 from abliterate.errors import UsageError
 from abliterate.model.checkpoint import Checkpoint
 from abliterate.model.loading import ModelSource
-from abliterate.storage.hashing import FileHasher
+from abliterate.storage.hashing import FileHasher, HashAlgorithm
 
 if TYPE_CHECKING:
     from abliterate.settings import Settings
@@ -36,11 +36,13 @@ class OutputOptions:
     max_shard_size: int = 5 * 10**9
     gguf: GgufOptions = field(default_factory=GgufOptions)
     adapter_embedding: bool = True
+    output_hash: HashAlgorithm = "xxh3_128"  # provenance's hash of every output file
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutputOptions:
         return cls(settings.format, settings.max_shard_bytes,
-                   GgufOptions(settings.gguf_edited_type, settings.gguf_reproject), settings.adapter_embedding)
+                   GgufOptions(settings.gguf_edited_type, settings.gguf_reproject), settings.adapter_embedding,
+                   settings.output_hash)
 
 
 @dataclass(frozen=True)

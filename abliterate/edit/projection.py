@@ -19,6 +19,7 @@ import torch
 from abliterate.model.archs import Component, default_hidden_axis
 
 _CHUNK_ELEMENTS = 1 << 24  # rows edited at once: 16M float32 values (64 MB) per chunk
+_KEEP_ELEMENTS = 1 << 26  # a matrix up to 64M values (256 MB in float32) is converted to float32 once, not twice
 NORM_PRESERVING = "norm-preserving"  # the direction method whose edit keeps every written vector's norm
 _RESCALE_FLOOR = 1e-4  # vectors keeping less of their norm than this after projection are rounding noise
 
@@ -95,16 +96,28 @@ def _project_rows(
 
 
 def _project_columns_two_pass(source: torch.Tensor, r: torch.Tensor, weight: float) -> Iterator[torch.Tensor]:
-    """`source` [hidden, in] minus w r (r^T source), in row blocks: r^T source is summed over the blocks first."""
+    """`source` [hidden, in] minus w r (r^T source), in row blocks: r^T source is summed over the blocks first.
+
+    A matrix of at most `_KEEP_ELEMENTS` values keeps its float32 blocks from the first pass to the second
+    (each element converted once, not twice; the same values, so the same bytes); a larger one converts its
+    blocks again, so that memory stays bounded.
+    """
     coefficients = torch.zeros(source.shape[1], dtype=torch.float32)
+    keep = source.numel() <= _KEEP_ELEMENTS
+    kept: list[torch.Tensor] = []
     for rows in _row_blocks(source):
-        coefficients.addmv_(source[rows].to(torch.float32).T, r[rows])
+        block = source[rows].to(torch.float32, copy=keep)  # a copy, to edit in place: the source is read-only
+        coefficients.addmv_(block.T, r[rows])
+        if keep:
+            kept.append(block)
     if not torch.isfinite(coefficients).all():  # a NaN/Inf anywhere in the matrix reaches these sums
         raise FloatingPointError("NaN or Inf in the tensor")
+    kept.reverse()  # popped from the end: each block is freed once written
     for rows in _row_blocks(source):
-        block = source[rows].to(torch.float32, copy=True)
+        block = kept.pop() if keep else source[rows].to(torch.float32, copy=True)
         block.addr_(r[rows], coefficients, alpha=-weight)
         yield block.to(source.dtype)
+        del block
 
 
 def _project_columns_rescaled(source: torch.Tensor, r: torch.Tensor, weight: float) -> torch.Tensor:

@@ -250,8 +250,9 @@ def write_checkpoint(
 ) -> EditPlan:
     """Write the orthogonalized checkpoint into an existing (temporary) folder `out`.
 
-    With `hasher`, the source's weight files are hashed in the background from the start and every output
-    shard as soon as it is closed (for the provenance record), overlapping the edit.
+    With `hasher`, the source's weight files are hashed (sha256, or taken from the hash cache) in the background
+    from the start, and every output shard is hashed from its bytes as they are written (for the provenance
+    record), overlapping the edit.
     """
     plan = plan_edit(checkpoint, config, direction)
     if plan.tied:
@@ -265,16 +266,22 @@ def write_checkpoint(
     if hasher is not None:  # the source's weights, for provenance (hub cache blobs are named by their hash)
         for path in checkpoint.files():
             if hub_blob_sha256(path) is None:
-                hasher.submit(path)
+                hasher.submit_source(path)
     total = sum(len(s.tensors) for s in shards)
     tensors = progress.track(((s, t) for s in shards for t in s.tensors), "orthogonalizing", total, "tensor")
     writer: ShardWriter | None = None
-    for shard, spec in tensors:
-        if writer is None or writer.path.name != shard.filename:
-            if writer is not None:
-                _finish(writer, hasher)
-            writer = ShardWriter(out, shard, checkpoint.metadata or {"format": "pt"})
-        _write_tensor(writer, spec, plan, checkpoint, direction)
+    try:
+        for shard, spec in tensors:
+            if writer is None or writer.path.name != shard.filename:
+                if writer is not None:
+                    _finish(writer, hasher)
+                writer = ShardWriter(out, shard, checkpoint.metadata or {"format": "pt"},
+                                     None if hasher is None else hasher.stream())
+            _write_tensor(writer, spec, plan, checkpoint, direction)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     if writer is not None:
         _finish(writer, hasher)
     write_index(out, shards)
@@ -289,5 +296,5 @@ def write_checkpoint(
 
 def _finish(writer: ShardWriter, hasher: FileHasher | None) -> None:
     writer.close()
-    if hasher is not None:
-        hasher.submit(writer.path)
+    if hasher is not None and writer.digest is not None:  # hashed as written: the shard is not read back
+        hasher.adopt(writer.path, writer.digest)

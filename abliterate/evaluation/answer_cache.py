@@ -3,7 +3,8 @@
 Greedy answers are the slow part of an evaluation, and they are deterministic for a given model, prompts and
 generation settings, so a re-run reuses them. This module owns the cache key (a sha256 of the model's
 identity, its chat template, the prompt texts and the generation settings), the cache files (one JSON file
-per key, written atomically) and `GenerationCache.generate`, which wraps `generate`.
+per key, written atomically) and `GenerationCache.generate`, which wraps `generate` (`generate_jobs`: several
+prompt lists in one call, each cached under its own key).
 
 A model folder's identity is the sha256 of its config.json and the names, sizes and modification times of
 its weight files: cheap for multi-GB checkpoints, unchanged by the rename that finishes an `edit`, and
@@ -15,10 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,6 +28,7 @@ from abliterate.storage.atomic import write_json
 from abliterate.storage.paths import cache_dir
 
 log = logging.getLogger(__name__)
+JobT = TypeVar("JobT", bound=Hashable)
 
 CACHE_VERSION = 1
 """Part of every key: bumped when the generation code changes what it produces."""
@@ -191,6 +193,32 @@ class GenerationCache:
                 "batch_size": batch_size, "what": desc}
         self.write(key, generation, meta)
         return generation
+
+    def generate_jobs(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        identity: str,
+        jobs: Mapping[JobT, Sequence[str]],
+        max_new_tokens: int,
+        batch_size: int,
+        desc: str | None = None,
+    ) -> dict[JobT, Generation]:
+        """`generate` for several prompt lists, each cached under its own key as if generated alone: the lists
+        not in the cache are answered in one call (one continuous-batching queue) and split afterwards."""
+        keys = {job: generation_key(identity, model, tokenizer, texts, max_new_tokens, batch_size)
+                for job, texts in jobs.items()}
+        found = {job: self.lookup(keys[job], len(texts)) for job, texts in jobs.items()}
+        missing = [job for job, cached in found.items() if cached is None]
+        if missing:
+            generation = generate(model, tokenizer, [t for job in missing for t in jobs[job]], max_new_tokens,
+                                  batch_size, desc)
+            for job, part in zip(missing, generation.split([len(jobs[job]) for job in missing]), strict=True):
+                meta = {"model": identity, "prompts": len(jobs[job]), "max_new_tokens": max_new_tokens,
+                        "batch_size": batch_size, "what": f"{desc} {job}"}
+                self.write(keys[job], part, meta)
+                found[job] = part
+        return {job: generation for job, generation in found.items() if generation is not None}
 
     def stats(self) -> dict[str, Any]:
         return {"enabled": self.folder is not None, "hits": self.hits, "misses": self.misses}

@@ -277,27 +277,15 @@ def benchmark_jobs(selected: EvalPrompts) -> list[tuple[str, str]]:
 
 
 def hf_answers(target: EvalModel, selected: EvalPrompts, options: EvalOptions, cache: GenerationCache) -> AnswerTexts:
-    """The refusal benchmark's answers from the transformers model in memory (through the cache)."""
-    jobs = benchmark_jobs(selected)
-    answers: AnswerTexts = {}
-    for i, (lang, kind) in enumerate(jobs, 1):
-        chosen = selected[lang][kind]
-        generation = cache.generate(
-            target.model, target.tokenizer, target.identity, [p.instruction for p in chosen],
-            options.max_new_tokens, options.batch_size, f"answers {lang} {kind} ({i}/{len(jobs)})",
-        )
-        answers[lang, kind] = generation.texts
-    return answers
+    """The refusal benchmark's answers from the transformers model in memory (through the cache).
 
-
-def split_generation(generation: Generation, sizes: Sequence[int]) -> list[Generation]:
-    """Consecutive parts of `generation` of the given sizes."""
-    parts, start = [], 0
-    for size in sizes:
-        end = start + size
-        parts.append(Generation(generation.ids[start:end], generation.texts[start:end], generation.finished[start:end]))
-        start = end
-    return parts
+    Every (language, kind) not in the cache goes into one `generate` call, so that continuous batching keeps
+    its slots full across them instead of running each list's tail with few rows (docs/performance.md).
+    """
+    jobs = {job: [p.instruction for p in selected[job[0]][job[1]]] for job in benchmark_jobs(selected)}
+    generations = cache.generate_jobs(target.model, target.tokenizer, target.identity, jobs, options.max_new_tokens,
+                                      options.batch_size, "answers")
+    return {job: generations[job].texts for job in jobs}
 
 
 def engine_answers(
@@ -323,7 +311,7 @@ def engine_answers(
             target.weights, target.tokenizer, [t for job in missing for t in texts[job]], options.max_new_tokens,
             target.stops, config,
         )
-        for job, part in zip(missing, split_generation(generation, [len(texts[j]) for j in missing]), strict=True):
+        for job, part in zip(missing, generation.split([len(texts[j]) for j in missing]), strict=True):
             meta = {"model": target.identity, "prompts": len(texts[job]), "max_new_tokens": options.max_new_tokens,
                     "engine": "vllm", "what": f"answers {job[0]} {job[1]}"}
             cache.write(keys[job], part, meta)

@@ -46,6 +46,15 @@ class Generation:
     texts: list[str]
     finished: list[bool]
 
+    def split(self, sizes: Sequence[int]) -> list[Generation]:
+        """Consecutive parts of the given sizes (the answers to prompt lists that were generated as one)."""
+        parts, start = [], 0
+        for size in sizes:
+            end = start + size
+            parts.append(Generation(self.ids[start:end], self.texts[start:end], self.finished[start:end]))
+            start = end
+        return parts
+
 
 @dataclass
 class RefusalResult:

@@ -235,8 +235,9 @@ def _provenance_section() -> str:
     return (
         "## Provenance\n\n"
         "`abliterate/provenance.json` records the source model and the sha256 of its weights, the tool and "
-        "library versions, the sha256 of the prompts used, the selection scores, every edited tensor and the "
-        "sha256 of every output file; `abliterate/direction.safetensors` holds the direction. After a "
+        "library versions, the sha256 of the prompts used, the selection scores, every edited tensor and a "
+        "hash of every output file (xxh3_128 or sha256, named in the record); `abliterate/direction.safetensors` "
+        "holds the direction. After a "
         "download, `abliterate verify FOLDER` re-checks the hashes and that every edited matrix is orthogonal "
         "to the direction."
     )

@@ -2,8 +2,9 @@
 
 This module owns the provenance record (schema in docs/publish.md): tool and library versions, the source
 model (spec, revision, sha256 of its weight files), the direction and the prompts that defined it (sha256 of
-the instructions actually used), the selection scores, every edited tensor, the sha256 of every output file,
-and the command line with anything token-like redacted. `record_output` writes it, then the model card, into
+the instructions actually used), the selection scores, every edited tensor, a hash of every output file
+(xxh3_128 by default, or sha256: `--output-hash`; the key names the algorithm), and the command line with
+anything token-like redacted. `record_output` writes it, then the model card, into
 the temporary output folder before the atomic rename; `abliterate verify` reads it back.
 """
 
@@ -31,7 +32,7 @@ from abliterate.model.loading import ModelSource
 from abliterate.publish.card import read_base_card, write_card
 from abliterate.publish.provenance_record import SCHEMA_VERSION, ProvenanceRecord
 from abliterate.storage.atomic import write_json
-from abliterate.storage.hashing import FileHasher, hash_files, hub_blob_sha256
+from abliterate.storage.hashing import FileHasher, HashCache, hash_files, hub_blob_sha256
 from abliterate.storage.records import load_json, validate_record
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,20 @@ def source_kind(source: ModelSource) -> str:
 
 
 def _source_files(folder: Path, names: list[str], hasher: FileHasher) -> dict[str, dict[str, Any]]:
-    """Hashes of the source's files; hub cache blobs are named by their sha256 and are not re-read."""
-    declared = {name: hub_blob_sha256(folder / name) for name in names}
-    files = hash_files(folder, [name for name in names if declared[name] is None], hasher)
-    for name, digest in declared.items():
-        if digest is not None:
-            files[name] = {"sha256": digest, "bytes": (folder / name).stat().st_size, "from": "hub cache blob name"}
-    return {name: files[name] for name in names}
+    """sha256 of the source's files: hub cache blobs are named by it, the hash cache may hold it (neither is
+    read then: `from` says where it came from), the others are hashed."""
+    for name in names:
+        if hub_blob_sha256(folder / name) is None:
+            hasher.submit_source(folder / name)
+    files: dict[str, dict[str, Any]] = {}
+    for name in names:
+        path = folder / name
+        declared = hub_blob_sha256(path)
+        digest, cached = (declared, False) if declared is not None else hasher.source_digest(path)
+        files[name] = {"sha256": digest, "bytes": path.stat().st_size}
+        if declared is not None or cached:
+            files[name]["from"] = "hub cache blob name" if declared is not None else "hash cache"
+    return files
 
 
 def _source_record(
@@ -133,7 +141,7 @@ def _source_record(
     }
     if source.gguf_file is not None:
         record["gguf_file"] = source.gguf_file.name
-        record["gguf_sha256"] = hasher.digest(source.gguf_file)
+        record["gguf_sha256"] = hasher.digest(source.gguf_file, "sha256")
     return record
 
 
@@ -190,7 +198,7 @@ def build_provenance(
     """
     run = run or RunRecord()  # apply: a saved direction, no prompts or selection
     names = output_files(out)
-    with FileHasher() if hasher is None else nullcontext(hasher) as pool:
+    with FileHasher(cache=HashCache()) if hasher is None else nullcontext(hasher) as pool:
         for name in names:  # queued before the source's files, so that both are hashed concurrently
             pool.submit(out / name)
         source_record = _source_record(source, checkpoint, run.requested_revision, pool)

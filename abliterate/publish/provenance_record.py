@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from abliterate.direction.run_record import PromptsRecord
 from abliterate.evaluation.results import ToolInfo
@@ -21,11 +21,27 @@ SCHEMA_VERSION = 1
 
 
 class FileHash(Part):
-    """A file's sha256 and size; `from` says where the hash came from when the file was not read."""
+    """A file's hash and size; `from` says where the hash came from when the file was not read.
 
-    sha256: str
+    Source files have a sha256; output files the hash `--output-hash` chose (sha256, or xxh3_128 since that
+    option: records written before it have sha256 only). `verify` checks every hash a file has.
+    """
+
+    sha256: str | None = None
+    xxh3_128: str | None = None
     bytes: int
     from_: str | None = Field(default=None, alias="from")
+
+    @model_validator(mode="after")
+    def _has_a_hash(self) -> FileHash:
+        if self.sha256 is None and self.xxh3_128 is None:
+            raise ValueError("a file entry needs sha256 or xxh3_128")
+        return self
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        """{algorithm: hex digest} of the hashes this entry has."""
+        return {name: value for name, value in (("sha256", self.sha256), ("xxh3_128", self.xxh3_128)) if value}
 
 
 class SourceRecord(Part):
@@ -104,7 +120,8 @@ class ProvenanceRecord(Record):
     edit: EditRecord
     """What the edit did, and every edited tensor."""
     output: OutputRecord = Field(default_factory=OutputRecord)
-    """The sha256 and size of every output file (but this record and the model card)."""
+    """The hash (xxh3_128 or sha256, by `--output-hash`) and size of every output file (but this record and the
+    model card)."""
     base_card: dict[str, Any] = Field(default_factory=dict)
     """Metadata inherited from the base model's card."""
     format: dict[str, Any] | None = None

@@ -1,6 +1,7 @@
 """`abliterate verify DIR`: re-check an edited checkpoint against its `abliterate/provenance.json`.
 
-Two checks. Every output file listed in provenance still has its recorded sha256. Every tensor that writes
+Two checks. Every output file listed in provenance still has its recorded hash (sha256, or xxh3_128: the
+record names the algorithm, and old records have sha256). Every tensor that writes
 into the residual stream (re-derived with the architecture registry, exactly as the edit planned it, and
 compared with the list in provenance) is orthogonal to the direction along its hidden axis: for a matrix W
 and the direction u it was edited against (r itself, or normalize(r * (1 + w)) for post-norm families),
@@ -29,7 +30,7 @@ from abliterate.publish.leak import leak
 from abliterate.publish.provenance import read_provenance
 from abliterate.publish.provenance_record import ProvenanceRecord
 from abliterate.publish.verify_gguf import check_gguf_tensors
-from abliterate.storage.hashing import sha256_file
+from abliterate.storage.hashing import FileHasher
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,24 @@ def expected_direction(
 
 
 def check_files(folder: Path, record: ProvenanceRecord) -> tuple[int, list[str]]:
-    """(files checked, problems): every output file in provenance still has its sha256."""
+    """(files checked, problems): every output file in provenance still has each hash recorded for it
+    (xxh3_128 or sha256, whichever the edit wrote; files of several threads are hashed at once)."""
     problems = []
     files = record.output.files
-    for name, entry in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
-            problems.append(f"{name} differs from provenance.json (sha256 changed since the edit)")
+    with FileHasher() as hasher:
+        for name, entry in files.items():
+            if (folder / name).is_file():
+                for algorithm in entry.hashes:
+                    hasher.submit(folder / name, algorithm)
+        for name, entry in sorted(files.items()):
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{name} is missing")
+                continue
+            changed = [algo for algo, value in entry.hashes.items() if hasher.digest(path, algo) != value]
+            if path.stat().st_size != entry.bytes or changed:
+                what = changed[0] if changed else "size"
+                problems.append(f"{name} differs from provenance.json ({what} changed since the edit)")
     return len(files), problems
 
 

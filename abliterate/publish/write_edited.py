@@ -3,7 +3,8 @@
 `write_edited` opens the source checkpoint, writes the edit in the chosen format into the temporary folder of
 `storage.atomic.atomic_output`, lets the caller add its own files (`edit` adds candidates.json and its
 evaluation report, `optimize --pick` its optimize.json), then records provenance.json and the model card,
-hashing the output's files as they are finished; the folder appears at `out` only when all of it is written.
+hashing the output's files as they are written (the source's sha256 comes from the hash cache where it
+holds); the folder appears at `out` only when all of it is written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from abliterate.model.checkpoint import Checkpoint, read_config
 from abliterate.model.loading import ModelSource
 from abliterate.publish.provenance import record_output
 from abliterate.storage.atomic import atomic_output
-from abliterate.storage.hashing import FileHasher
+from abliterate.storage.hashing import FileHasher, HashCache
 
 ExtraFiles = Callable[[Path], None]  # writes the caller's own files into the temporary output folder
 
@@ -45,7 +46,8 @@ def write_edited(
     options = options or OutputOptions()
     config = read_config(source.folder)
     checkpoint = Checkpoint.open(source.folder, allow_pickle=allow_pickle)
-    with atomic_output(out, overwrite=overwrite, sources=sources_of(source)) as tmp, FileHasher() as hasher:
+    hasher = FileHasher(algorithm=options.output_hash, cache=HashCache())
+    with atomic_output(out, overwrite=overwrite, sources=sources_of(source)) as tmp, hasher:
         written = write_edit(options, source, checkpoint, config, direction, tmp, hasher)
         if extra is not None:
             extra(tmp)

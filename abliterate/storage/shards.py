@@ -20,6 +20,7 @@ import torch
 
 from abliterate.errors import CheckpointError, UsageError
 from abliterate.storage.atomic import write_json
+from abliterate.storage.hashing import StreamDigest
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -100,15 +101,23 @@ def _header(plan: ShardPlan, metadata: dict[str, str]) -> bytes:
 
 
 class ShardWriter:
-    """Write one planned shard: call `write(name, chunk)` for each tensor's bytes, in plan order."""
+    """Write one planned shard: call `write(name, chunk)` for each tensor's bytes, in plan order.
 
-    def __init__(self, folder: Path, plan: ShardPlan, metadata: dict[str, str]):
+    With `digest`, every byte written is also fed to it in file order (the header and written chunks as they
+    are, copied ranges from their source file), so the shard's hash needs no read of the shard.
+    """
+
+    def __init__(self, folder: Path, plan: ShardPlan, metadata: dict[str, str], digest: StreamDigest | None = None):
         self.path = folder / plan.filename
+        self.digest = digest
         self._plan = plan
         self._index = 0
         self._written = 0
         self._fh = self.path.open("wb")
-        self._fh.write(_header(plan, metadata))
+        header = _header(plan, metadata)
+        self._fh.write(header)
+        if digest is not None:
+            digest.update(header)
 
     def _expect(self, name: str) -> TensorSpec:
         spec = self._plan.tensors[self._index]
@@ -120,12 +129,16 @@ class ShardWriter:
         """Append bytes of tensor `name`; a tensor may arrive in several chunks."""
         self._expect(name)
         self._fh.write(data)
+        if self.digest is not None:
+            self.digest.update(data)
         self._advance(name, len(data))
 
     def copy_from(self, name: str, source: Path, start: int, nbytes: int) -> None:
         """Append tensor `name` by copying `nbytes` from `source` at `start`, in the kernel where possible."""
         self._expect(name)
         self._fh.flush()
+        if self.digest is not None:
+            self.digest.update_from(source, start, nbytes)
         with source.open("rb") as src:
             offset, left = start, nbytes
             while left:
@@ -154,10 +167,16 @@ class ShardWriter:
     def close(self) -> None:
         """Flush to disk; fails if some tensor was not written completely."""
         if self._index != len(self._plan.tensors):
-            self._fh.close()
+            self.abort()
             raise CheckpointError(f"internal error: {self.path.name} was closed before all its tensors were written")
         self._fh.flush()
         self._fh.close()
+
+    def abort(self) -> None:
+        """Close the file unfinished (after an error); the digest's thread ends too."""
+        self._fh.close()
+        if self.digest is not None:
+            self.digest.finish()
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -168,7 +187,7 @@ class ShardWriter:
         if exc_type is None:
             self.close()
         else:
-            self._fh.close()
+            self.abort()
 
 
 def write_index(folder: Path, plans: list[ShardPlan]) -> Path:

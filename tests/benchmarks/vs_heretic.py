@@ -15,9 +15,11 @@ One run, one machine, nothing else running:
 3. `default`: `abliterate edit --lang en` with the demo's search settings (no evaluation).
 4. `score`: every written model scored by Heretic's evaluator (`heretic --evaluate-model`, its markers,
    100 harmful and 100 harmless English test prompts) and by ours (`abliterate eval`: refusal, evasion and
-   over-refusal per language in `--langs`, first-token and 16-token KL, the lm-eval mini task).
+   over-refusal per language in `--langs`, first-token and 16-token KL, the lm-eval mini task); the rest of our
+   front by Heretic's evaluator only, to count the Heretic front trials one of ours matches or beats.
 
-Stages keep their results in WORK/stages/*.json; a rerun skips finished stages (`--redo STAGE` repeats one).
+Stages keep their results in WORK/stages/*.json; a rerun skips finished stages (`--redo STAGE` repeats one;
+a redone score stage reuses the scores of models that have not changed since the last one).
 The table printed at the end is also written to WORK/table.md (docs/optimize.md quotes it).
 """
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heretic_side import HereticSetup, evaluate, optimize_and_export, write_config
 
 from abliterate.commands.organism.train import build_organism, named_recipe
+from abliterate.evaluation.answer_cache import model_identity
 from abliterate.prompts import sources
 
 STAGES = ("heretic", "optimize", "default", "score")
@@ -101,7 +104,7 @@ def heretic_setup(args: argparse.Namespace, organism: Path, work: Path, batch_si
 
 def stage_optimize(args: argparse.Namespace, organism: Path, work: Path) -> dict[str, Any]:
     study = work / "optimize-study"
-    if study.exists():  # a redo starts a new study (an old one would only be resumed)
+    if study.exists() and not args.keep_study:  # a redo starts a new study (an old one would only be resumed)
         shutil.rmtree(study)
     cmd = [str(abliterate_cli()), "optimize", str(organism), "--lang", "en", "--langs", "en",
            "--trials", str(args.trials), "--study", str(study), "--seed", str(args.seed),
@@ -160,9 +163,13 @@ def stage_score(args: argparse.Namespace, organism: Path, work: Path, results: d
             fh.seek(0)
             fh.write('response_prefix = ""\n' + text)
     scored: dict[str, Any] = {}
+    earlier = earlier_scores(work / "stages" / "score.json")
     for name, model in candidates(results, args.score_per_front).items():
         slug = name.replace(": ", "-").replace(" ", "-")
-        entry: dict[str, Any] = {"model": str(model)}
+        if "ours" in earlier.get(str(model), {}):  # the same model, unchanged since an earlier score stage
+            scored[name] = earlier[str(model)]
+            continue
+        entry: dict[str, Any] = {"model": str(model), "identity": model_identity(model)}
         entry["heretic"] = evaluate(setup, model, work / f"heretic-eval-{slug}.log")
         out = work / f"ours-eval-{slug}.json"
         entry["ours_timing"] = run_timed(
@@ -172,7 +179,48 @@ def stage_score(args: argparse.Namespace, organism: Path, work: Path, results: d
             work / f"ours-eval-{slug}.log")
         entry["ours"] = summary_of(json.loads(out.read_text(encoding="utf-8")))
         scored[name] = entry
+    for number, model in results["optimize"]["exported"].items():  # the rest of our front: Heretic's evaluator only
+        name = f"ours: trial {number}"
+        if name not in scored:
+            slug = name.replace(": ", "-").replace(" ", "-")
+            log = work / f"heretic-eval-{slug}.log"
+            scored[name] = earlier.get(model) or {"model": model, "identity": model_identity(Path(model)),
+                                                  "heretic": evaluate(setup, Path(model), log)}
     return scored
+
+
+def earlier_scores(path: Path) -> dict[str, dict[str, Any]]:
+    """{model folder: entry} of an earlier score stage, for the folders that have not changed since: the same
+    model identity (config and weight files' names, sizes, times), or for entries without one, a folder last
+    modified before that stage's file was written."""
+    if not path.is_file():
+        return {}
+    written = path.stat().st_mtime
+    kept = {}
+    for entry in json.loads(path.read_text(encoding="utf-8")).values():
+        folder = Path(entry["model"])
+        if not folder.is_dir():
+            continue
+        same = entry.get("identity") == model_identity(folder) if "identity" in entry else \
+            max(p.stat().st_mtime for p in [folder, *folder.iterdir()]) < written
+        if same:
+            kept[entry["model"]] = entry
+    return kept
+
+
+def dominance(results: dict[str, Any]) -> str:
+    """Our front on Heretic's evaluator, and how many of Heretic's front trials one of ours matches or beats."""
+    ours = sorted(((e["heretic"]["refusals"], e["heretic"]["kl"], name) for name, e in results["score"].items()
+                   if name.startswith("ours: trial")))
+    heretic = results["heretic"]["front"]
+    covered = [r for r in heretic if any(o[0] <= r["refusals"] and o[1] <= r["kl"] for o in ours)]
+    missed = ", ".join(f"{r['refusals']} @ {r['kl']:.3f} (t{r['trial']})" for r in heretic if r not in covered)
+    return "\n".join([
+        "Our front on Heretic's evaluator (refusals/100 @ KL): "
+        + ", ".join(f"{n} @ {kl:.3f} ({name.split(': ')[1]})" for n, kl, name in ours),
+        f"Heretic front trials matched or beaten by one of ours (refusals <= and KL <=): {len(covered)} of "
+        f"{len(heretic)}" + (f"; not: {missed}" if missed else ""),
+    ])
 
 
 def summary_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -200,6 +248,8 @@ def table(results: dict[str, Any], langs: list[str]) -> str:
              + " | over-refusal (mean) | KL first | KL 16 | lm-eval acc |",
              "|---" * (7 + len(langs)) + "|"]
     for name, entry in results["score"].items():
+        if "ours" not in entry:  # front trials scored by Heretic's evaluator only (in `dominance`)
+            continue
         ours, h = entry["ours"], entry["heretic"]
         cells = [f"{fmt(ours['languages'][x]['refused'])} ({fmt(ours['languages'][x]['evasive'])})" for x in langs]
         over = [ours["languages"][x]["over_refusal"] for x in langs]
@@ -242,6 +292,9 @@ def main() -> None:
     parser.add_argument("--score-per-front", type=int, default=3)
     parser.add_argument("--optimize-args", nargs=argparse.REMAINDER, default=[],
                         help="extra options for abliterate optimize (last on the line)")
+    parser.add_argument("--keep-study", action="store_true",
+                        help="resume WORK/optimize-study instead of starting it again (e.g. one copied from a run "
+                        "of the same command made alone; the trials' times are the study's own)")
     parser.add_argument("--stages", default=",".join(STAGES), help="the stages to run now (comma-separated)")
     parser.add_argument("--redo", action="append", default=[], choices=STAGES)
     args = parser.parse_args()
@@ -271,7 +324,7 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1), encoding="utf-8")
         results[stage] = json.loads(path.read_text(encoding="utf-8"))
         print(f"[{time.strftime('%H:%M:%S')}] stage {stage} done in {time.time() - start:.0f} s", flush=True)
-    text = fronts(results) + "\n\n" + table(results, args.langs.split(","))
+    text = fronts(results) + "\n" + dominance(results) + "\n\n" + table(results, args.langs.split(","))
     (work / "table.md").write_text(text + "\n", encoding="utf-8")
     print(text)
 

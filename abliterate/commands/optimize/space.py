@@ -32,6 +32,12 @@ KERNELS: tuple[Kernel, ...] = ("window", "gaussian")
 PEAK_MAX = 1.5
 PEAK_MIN = -0.3  # window kernel: sampled peaks below 0 mean "off" (weight exactly 0), 1/6 of the prior
 EMBED_MIN = -0.5  # the embedding's weight likewise: 1/4 of its prior is "leave the embedding alone"
+# The informed prior of new window studies (`SearchSpace.informed`), after Heretic's ranges ("based on experiments
+# with various models"): direction from 40% of the depth on, kernel peaks in the last 40% of the layers, an "off"
+# share of 1/11 for attention and MLP. Studies made before it keep the wide bounds above (stored in study.json).
+INFORMED_PEAK_MIN = -0.15
+INFORMED_LAYER_FROM = 0.4
+INFORMED_POS_FROM = 0.6
 FALLOFF_MAX = 12.0
 COMPONENTS = ("attn", "mlp")
 SCOPES = ("global", "per layer")  # window kernel: one direction for every layer, or each layer its own
@@ -45,18 +51,29 @@ class SearchSpace:
     layer_min: int  # the first layer with a non-zero candidate (layer 0's input is the embedding alone)
     layer_max: int
     kernel: Kernel = "gaussian"
+    peak_min: float = PEAK_MIN  # window kernel: the low end of a peak's range (below 0: off)
+    pos_min: float = 0.0  # window kernel: the first layer a peak may sit at
+
+    @classmethod
+    def informed(cls, n_layers: int, first_nonzero: int, default_layer: int, layer_max: int) -> SearchSpace:
+        """A new window study's space: Heretic's ranges, widened to keep the default selection's layer inside."""
+        layer_min = max(first_nonzero, min(default_layer, math.floor(INFORMED_LAYER_FROM * (n_layers - 1))))
+        return cls(n_layers, layer_min, layer_max, "window", INFORMED_PEAK_MIN,
+                   round(INFORMED_POS_FROM * (n_layers - 1), 3))
 
     def to_json(self) -> dict[str, Any]:
-        bounds = {"peak_min": PEAK_MIN, "embed_min": EMBED_MIN} if self.kernel == "window" else {
-            "falloff_max": FALLOFF_MAX}
+        bounds = {"peak_min": self.peak_min, "embed_min": EMBED_MIN, "pos_min": self.pos_min} \
+            if self.kernel == "window" else {"falloff_max": FALLOFF_MAX}
         return {"n_layers": self.n_layers, "layer_min": self.layer_min, "layer_max": self.layer_max,
                 "kernel": self.kernel, "peak_max": PEAK_MAX, **bounds}
 
     @classmethod
     def from_json(cls, space: dict[str, Any]) -> SearchSpace:
-        """A stored space; studies from before the window kernel have no `kernel` key and are Gaussian."""
+        """A stored space; studies from before the window kernel have no `kernel` key and are Gaussian, those
+        from before the informed prior have no `pos_min` and keep the wide bounds."""
         return cls(int(space["n_layers"]), int(space["layer_min"]), int(space["layer_max"]),
-                   space.get("kernel", "gaussian"))
+                   space.get("kernel", "gaussian"), float(space.get("peak_min", PEAK_MIN)),
+                   float(space.get("pos_min", 0.0)))
 
 
 class WeightKernel(Protocol):
@@ -131,8 +148,8 @@ class TrialParams:
         params: dict[str, Any] = {"layer": layer,
                                   "direction_scope": trial.suggest_categorical("direction_scope", SCOPES)}
         for c in COMPONENTS:
-            for key, low, high in (("peak", PEAK_MIN, PEAK_MAX), ("pos", 0.0, top - 1.0), ("floor", 0.0, 1.0),
-                                   ("reach", 1.0, top)):
+            for key, low, high in (("peak", space.peak_min, PEAK_MAX), ("pos", space.pos_min, top - 1.0),
+                                   ("floor", 0.0, 1.0), ("reach", 1.0, top)):
                 params[f"{c}_{key}"] = trial.suggest_float(f"{c}_{key}", low, high)
         params["embed"] = trial.suggest_float("embed", EMBED_MIN, PEAK_MAX)
         return cls.from_params(params)
@@ -153,13 +170,15 @@ class TrialParams:
                    params.get("direction_scope") == "per layer")
 
     @classmethod
-    def reference(cls, layer: int, space: SearchSpace) -> dict[str, Any]:
-        """The paper's default edit as trial parameters: `layer`'s direction, weight 1 everywhere."""
+    def reference(cls, layer: int, space: SearchSpace, scope: str = "global") -> dict[str, Any]:
+        """The paper's default edit as trial parameters: `layer`'s direction, weight 1 everywhere (window kernel:
+        a flat window, floor 1, reaching every layer from the last; `scope` "per layer": each layer's own
+        direction instead, at weight 1 everywhere)."""
         if space.kernel == "gaussian":
             flat = {"peak": 1.0, "pos": 0.0, "falloff": 0.0}
             return {"layer": float(layer), **{f"{c}_{k}": v for c in COMPONENTS for k, v in flat.items()}}
-        window = {"peak": 1.0, "pos": 0.0, "floor": 1.0, "reach": float(space.n_layers)}
-        return {"layer": float(layer), "direction_scope": "global",
+        window = {"peak": 1.0, "pos": float(space.n_layers - 1), "floor": 1.0, "reach": float(space.n_layers)}
+        return {"layer": float(layer), "direction_scope": scope,
                 **{f"{c}_{k}": v for c in COMPONENTS for k, v in window.items()}, "embed": 1.0}
 
     def embedding_weight(self, n_layers: int) -> float:

@@ -2,21 +2,19 @@
 
 Each trial picks a direction and per-layer ablation weights and measures two objectives, both minimised: the
 mean refusal rate over `--langs` (greedy answers to harmful val prompts, judged by `--judge`) and the mean
-first-token KL divergence on harmless val prompts against the unedited model. The model is loaded once;
-trials apply the edit with hooks (`model.hooks.weighted_ablation`) that are removed after each trial.
+first-token KL divergence on harmless val prompts against the unedited model; `--over-refusal-max` adds a
+constraint. The model is loaded once; a trial applies its edit with hooks (`model.hooks.weighted_ablation`) or,
+with `--trial-edit weights`, to the loaded weights themselves (`edit.in_memory.edited_weights`), undone after it.
 
-Search space (docs/optimize.md):
-- direction layer, a float: the candidate directions of neighbouring layers (at the position the default
-  selection chose, from the `--lang` train prompts) are normalised, interpolated linearly and renormalised;
-- for attention and MLP outputs separately, a weight profile over depth (`Profile`):
-  w_l = peak * exp(-((l - pos) / width)^2 / 2), searched as peak in [0, PEAK_MAX], pos in [0, n_layers - 1] and
-  falloff = n_layers / width in [0, FALLOFF_MAX] (falloff 0: the same weight at every layer);
-- the embedding's weight is the attention profile's weight at layer 0.
+What is searched is `space.py` (the window kernel by default, docs/optimize.md): the direction's (fractional)
+layer or each layer's own direction, and per component (attention, MLP, embedding) a weight profile over depth
+that can reach exactly 0. The sampler is multivariate TPE after `--startup-trials` random trials.
 
 Trial 0 is the paper's default edit (selected layer, weight 1 everywhere), enqueued so the front can be
-compared with it. The study lives in `--study` as SQLite (`study.db`), next to the cached directions and the
-settings it was made with, so re-running the same command resumes it. `--pick N` writes trial N's edit
-through the normal streaming path with its per-layer weights.
+compared with it; with the window kernel, trial 1 is its per-layer twin. The study lives in `--study` as
+SQLite (`study.db`), next to the cached directions and the settings it was made with (`study.json`, the space
+included), so re-running the same command resumes it. `--pick N` writes trial N's edit through the normal
+streaming path with its per-layer weights.
 """
 
 from __future__ import annotations
@@ -74,6 +72,7 @@ STUDY_CONFIG = "study.json"
 DIRECTIONS_FILE = "directions.safetensors"
 LOCK_FILE = ".lock"
 OPTIMIZE_FILE = "optimize.json"  # in an output's abliterate/ folder: the picked trial
+PER_LAYER_ANCHOR = "per layer"  # user attribute of the enqueued per-layer twin of the reference trial
 DEFAULT_TRIALS = 50
 STARTUP_SHARE = 0.3  # random start-up trials by default: Heretic's 60 of 200
 # Settings a study's objectives depend on: a resumed study must be run with the same values.
@@ -288,12 +287,11 @@ def measure(
 ) -> TrialScores:
     """Refusal rate and first-token KL per language (and over-refusal if asked) with the edit applied (undone after)."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    harmless_texts: list[str] = []
-    with editing.applied(loaded, direction, weights, per_layer):
-        texts = generate(model, tokenizer, trial_set.harmful, max_new_tokens, batch_size).texts
+    asked = trial_set.harmless_texts if editing.over_refusal else []
+    with editing.applied(loaded, direction, weights, per_layer):  # harmful and harmless answers in one queue
+        answers = generate(model, tokenizer, [*trial_set.harmful, *asked], max_new_tokens, batch_size)
         logits = collect_logits(model, trial_set.harmless)
-        if editing.over_refusal:
-            harmless_texts = generate(model, tokenizer, trial_set.harmless_texts, max_new_tokens, batch_size).texts
+    texts, harmless_texts = (part.texts for part in answers.split([len(trial_set.harmful), len(asked)]))
     verdicts = judge.judge(trial_set.harmful, texts, trial_set.harmful_langs)
     kl = kl_divergence(trial_set.base_logits, logits).tolist()
     over = None
@@ -418,15 +416,19 @@ def constraint_values(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 
 def prepare_study(study: optuna.Study, default_layer: int, space: SearchSpace) -> None:
-    """Fail trials left running by a killed process; enqueue the reference trial unless it ran or is queued."""
+    """Fail trials left running by a killed process; enqueue the reference trial (and, with the window kernel,
+    its per-layer twin: each layer's own direction at weight 1) unless it ran or is queued."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         log.warning("trial %d was interrupted; marking it failed", trial.number)
         study.tell(trial.number, state=TrialState.FAIL)
-    alive = (TrialState.COMPLETE, TrialState.WAITING)
-    if not any(t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False, states=alive)):
+    alive = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING))
+    if not any(t.user_attrs.get("reference") for t in alive):
         study.enqueue_trial(TrialParams.reference(default_layer, space), user_attrs={"reference": True})
+    if space.kernel == "window" and not any(t.user_attrs.get("anchor") == PER_LAYER_ANCHOR for t in alive):
+        study.enqueue_trial(TrialParams.reference(default_layer, space, scope="per layer"),
+                            user_attrs={"anchor": PER_LAYER_ANCHOR})
 
 
 def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -491,12 +493,15 @@ def compute_directions(loaded: LoadedModel, settings: Settings) -> tuple[LayerDi
 
 
 def search_space(directions: LayerDirections, settings: Settings, kernel: Kernel) -> SearchSpace:
-    """Direction layers: from the first non-zero candidate to the last eligible layer (and the default one)."""
+    """Direction layers: from the first non-zero candidate (window kernel: from 40% of the depth, or the default
+    layer if earlier) to the last eligible layer (and the default one)."""
     n_layers, default = int(directions.vectors.shape[0]), directions.default_layer
     nonzero = [layer for layer in range(n_layers) if float(directions.vectors[layer].norm()) > 0.0]
     if not nonzero:
         raise UsageError("every candidate direction is zero", hint="check the prompts: harmful and harmless differ?")
     layer_max = max(eligible_layers(n_layers, settings.prune_layers)[-1], default, nonzero[0])
+    if kernel == "window":
+        return SearchSpace.informed(n_layers, nonzero[0], default, layer_max)
     return SearchSpace(n_layers, min(nonzero[0], default), layer_max, kernel)
 
 

@@ -289,8 +289,10 @@ def test_interrupted_trials_are_failed_and_the_reference_requeued() -> None:
     assert interrupted.user_attrs.get("reference")
     prepare_study(study, default_layer=2, space=space)
     states = [t.state for t in study.trials]
-    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
-    assert study.trials[1].params == {} and study.trials[1].user_attrs == {"reference": True}
+    waiting = optuna.trial.TrialState.WAITING
+    assert states == [optuna.trial.TrialState.FAIL, waiting, waiting]  # the per-layer twin waits, not queued twice
+    assert [t.user_attrs for t in study.trials[1:]] == [{"anchor": "per layer"}, {"reference": True}]
+    assert study.trials[2].params == {}
 
 
 def test_default_study_folder_is_named_after_the_model() -> None:
@@ -313,6 +315,9 @@ def test_study_resumes_and_pick_writes_a_checkpoint(tiny_chat: Path, tmp_path: P
     done = _trials(study)
     assert [t.number for t in done] == [0, 1] and done[0].user_attrs["reference"]
     assert done[0].params == TrialParams.reference(int(done[0].params["layer"]), SearchSpace(LAYERS, 1, 2, "window"))
+    assert done[1].user_attrs["anchor"] == "per layer" and done[1].params["direction_scope"] == "per layer"
+    assert {k: v for k, v in done[1].params.items() if k != "direction_scope"} == {
+        k: v for k, v in done[0].params.items() if k != "direction_scope"}
 
     again = run("optimize", tiny_chat, "--trials", "3", "--study", study, *FAST, check=True)
     assert "(1 run now)" in again.stdout
@@ -389,4 +394,21 @@ def test_resuming_with_other_settings_is_refused(tiny_chat: Path, tmp_path: Path
     other[other.index("en,de")] = "en"
     done = run("optimize", tiny_chat, "--trials", "2", "--study", study, *other)
     assert_one_line_error(done, "langs")
-    assert len(_trials(study)) == 1
+    assert [t.state for t in _trials(study)].count(optuna.trial.TrialState.COMPLETE) == 1
+
+
+def test_informed_space_samples_only_inside_its_bounds_and_keeps_the_default_layer() -> None:
+    space = SearchSpace.informed(n_layers=30, first_nonzero=1, default_layer=8, layer_max=23)
+    assert (space.layer_min, space.layer_max) == (8, 23)  # 0.4 x 29 = 11.6, widened down to the default layer
+    assert SearchSpace.informed(30, 1, 15, 23).layer_min == 11 and SearchSpace.informed(30, 13, 15, 23).layer_min == 13
+    assert SearchSpace.from_json(space.to_json()) == space
+    wide = SearchSpace.from_json({"n_layers": 30, "layer_min": 1, "layer_max": 23, "kernel": "window"})
+    assert (wide.peak_min, wide.pos_min) == (-0.3, 0.0)  # a study from before the informed prior keeps its bounds
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(200):
+        params = TrialParams.suggest(study.ask(), space)
+        assert 8.0 <= params.layer <= 23.0
+        for kernel in (params.attention, params.mlp):
+            assert isinstance(kernel, WindowKernel) and 17.4 <= kernel.pos <= 29.0 and -0.15 <= kernel.peak <= 1.5
+    reference = TrialParams.from_params(TrialParams.reference(9, space))
+    assert reference.weights(30).is_full()  # the flat window lies inside the informed space

@@ -20,7 +20,7 @@ from abliterate.evaluation import answer_cache
 from abliterate.evaluation.answer_cache import GenerationCache, model_identity
 from abliterate.evaluation.capability import jsonable, parse_tasks, run_tasks
 from abliterate.evaluation.evaluate import EvalModel, EvalOptions, Evaluator, kl_reference, run_eval, select_prompts
-from abliterate.evaluation.generate import Generation
+from abliterate.evaluation.generate import Generation, generate
 from abliterate.evaluation.judge import MarkerJudge
 from abliterate.evaluation.report import REPORT_HTML, REPORT_JSON, REPORT_MD, build_report, write_report
 from abliterate.evaluation.results import SCHEMA_VERSION, read_results
@@ -195,6 +195,22 @@ def test_unreadable_cache_entry_is_regenerated(folders: dict[str, Path], cache_e
         path.write_text("{broken", encoding="utf-8")
     again = cache.generate(target.model, target.tokenizer, target.identity, ["hello there"], 4, 2)
     assert again.texts == first.texts and cache.misses == 2
+
+
+def test_prompt_lists_answered_in_one_queue_equal_each_list_alone(folders: dict[str, Path], cache_env: Path) -> None:
+    """`generate_jobs` answers the uncached lists in one call (one prefill of the whole queue) and caches each
+    list under the key a call for that list alone has: the same answers, and a later single call hits."""
+    target = loaded(folders["base"])
+    lists = {"a": ["hello there", "how are you today, friend?"], "b": ["x", "tell me a story", "why?"]}
+    alone = {job: generate(target.model, target.tokenizer, texts, 7, 8) for job, texts in lists.items()}
+    cache = GenerationCache.default()
+    counter = GenerateCounter(target.model)
+    together = cache.generate_jobs(target.model, target.tokenizer, target.identity, lists, 7, 8)
+    assert counter.calls == 1, "both lists fit one batch of 8: one queue, one prefill"
+    assert together == alone
+    counter.calls = 0
+    again = cache.generate(target.model, target.tokenizer, target.identity, lists["b"], 7, 8)
+    assert counter.calls == 0 and again == alone["b"] and cache.hits == 1
 
 
 # --- KL --------------------------------------------------------------------------------------------------

@@ -447,7 +447,7 @@ def _restore_tensor(source: Path, out: Path, name: str) -> None:
         fh.write(original)
     path = out / "abliterate" / "provenance.json"
     record = json.loads(path.read_text())
-    record["output"]["files"][info.file.name]["sha256"] = sha256_file(info.file)
+    record["output"]["files"][info.file.name] = {"sha256": sha256_file(info.file), "bytes": info.file.stat().st_size}
     path.write_text(json.dumps(record))
 
 
@@ -462,7 +462,7 @@ def test_verify_cli_ok_then_fails_after_one_flipped_byte(folder: Path) -> None:
         fh.seek(info.start + 2)
         fh.write(bytes([byte[0] ^ 0x01]))
     line = one_line_error(run("verify", folder))
-    assert info.file.name in line and "sha256" in line
+    assert info.file.name in line and "xxh3_128 changed since the edit" in line
 
 
 def test_verify_cli_names_a_replaced_tensor(folder: Path) -> None:
