@@ -260,6 +260,14 @@ MUTATIONS = [
         (GENERATION,),
     ),
     Mutation(
+        "continuous batching never drops the padding columns of rows that left",
+        "abliterate/evaluation/generate.py",
+        "        self.mask, self.last, self.logits = self.mask[index], self.last[index], self.logits[index]\n"
+        "        self.trim()\n",
+        "        self.mask, self.last, self.logits = self.mask[index], self.last[index], self.logits[index]\n",
+        (GENERATION,),
+    ),
+    Mutation(
         "the planned finalist passes forget the activation-addition pass",
         "abliterate/direction/passes.py",
         "calls = batches(harmless, bs) + scored * (batches(harmful, bs) + 2 * batches(harmless, bs))",

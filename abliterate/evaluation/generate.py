@@ -187,6 +187,18 @@ class _Slots:
         self.made = [self.made[i] for i in rows]
         self.ended = [self.ended[i] for i in rows]
         self.mask, self.last, self.logits = self.mask[index], self.last[index], self.logits[index]
+        self.trim()
+
+    def trim(self) -> None:
+        """Drop the leading cache columns that every row masks (padding of rows that left): without this the
+        cache of a long queue only grows, and so does every step's attention."""
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else self.mask.shape[1]
+        if start == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        self.mask = self.mask[:, start:]
 
     def join(self, new: _Slots) -> None:
         """Add `new`'s rows: both caches left-padded (masked) to the longer one, then stacked."""

@@ -50,7 +50,7 @@ def planned_apply_seconds(source: Path, out: Path) -> float:
     settings = build_settings(None, {"model": str(source), "out": out})
     with tempfile.TemporaryDirectory() as empty:  # a hash cache without the source: a first edit's plan
         os.environ["ABLITERATE_CACHE"] = empty
-        seconds = plan_run(Request("apply", settings, out=out)).seconds()
+        seconds = plan_run(Request("apply", settings, out=out)).seconds
     assert seconds is not None, "the apply plan always times the edit"
     return seconds
 

@@ -103,3 +103,28 @@ def test_continuous_batching_gives_each_prompt_its_own_generate_tokens(family: s
     assert [answers[i] for i in range(len(prompts))] == expected
     assert len({len(row) for row in expected}) > 2, "answers must end at different steps"
     assert [all_at_once[i] for i in range(len(prompts))] == [_until_stop(row, set(every_first)) for row in alone]
+
+
+def test_a_long_queue_keeps_the_kv_cache_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Columns that every remaining row masks (the padding of rows that left) are dropped: the cache never
+    grows past the longest prompt plus the answer cap, however long the queue (untrimmed it grew with it)."""
+    from abliterate.evaluation import generate as module
+
+    model = build("llama", tmp_path / "llama", tied=False).eval()
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(8, vocab, (3 + i % 5,), generator=generator).tolist() for i in range(40)]
+    widths: list[int] = []
+    step = module._step
+
+    def recorded(model: torch.nn.Module, slots: module._Slots, tokens: torch.Tensor) -> torch.Tensor:
+        widths.append(int(slots.mask.shape[1]))
+        return step(model, slots, tokens)
+
+    monkeypatch.setattr(module, "_step", recorded)
+    with torch.inference_mode():
+        first = [continuous_rows(model, [p], 12, [-1], 1, 0) for p in prompts[:1]]
+        stop = next(iter(first[0] or []))[1][3]  # a token that ends some answers early
+        answers = dict(continuous_rows(model, prompts, 12, [stop], 4, 0) or [])
+    assert sorted(answers) == list(range(len(prompts))) and len(widths) > 40
+    assert max(widths) <= max(len(p) for p in prompts) + 12
