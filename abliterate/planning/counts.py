@@ -67,7 +67,7 @@ def evaluation_texts(settings: Settings) -> list[str]:
 
 
 def evaluation_prompts(settings: Settings) -> tuple[list[int], int]:
-    """Test prompts answered per call of the greedy loop (one per language and kind), and the KL's prompts."""
+    """Test prompts answered per language and kind (all in one greedy-loop queue), and the KL's prompts."""
     options = EvalOptions(langs=settings.langs, prompts=settings.prompts, n_prompts=settings.eval_prompts)
     selected = select_prompts(options)
     calls = [len(group) for kinds in selected.values() for group in kinds.values()]
@@ -95,7 +95,7 @@ def eval_work(settings: Settings, name: str, *, answers: bool = True, kl: KL | N
         work.append(Work(f"eval {name}: KL logits", batches(n_kl, bs), n_kl))
     if answers:
         work.append(Work(f"eval {name}: answers", answers=sum(calls), cap=settings.max_new_tokens,
-                         answer_batches=sum(batches(n, bs) for n in calls),
+                         answer_batches=batches(sum(calls), bs),  # one queue: GenerationCache.generate_jobs
                          note="at most: answers that end early cost less"))
     if kl == "compare":
         work.append(Work(f"eval {name}: KL logits", batches(n_kl, bs), n_kl))
