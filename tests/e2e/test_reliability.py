@@ -131,7 +131,7 @@ class TestInterruption:
                 num_attention_heads=8,
                 head_dim=32,
                 vocab_size=8192,
-                num_hidden_layers=8,
+                num_hidden_layers=24,  # ~110 MB in 2 MB shards: long enough a write that most signals land in it
             ),
         )
         Direction(torch.randn(256, generator=torch.Generator().manual_seed(3))).save(work / "r.safetensors")
